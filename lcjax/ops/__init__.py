@@ -1,0 +1,8 @@
+"""Pure-JAX attention and sequence-parallel ops (no Flax, no configs).
+
+Dimension letters used in names across lcjax: B batch, T local sequence, S global
+sequence, H query heads, K kv heads, D head dim, E model width, F MLP width, V vocab,
+L layers, R replicas, P paths. `q_BTHD` is a query array of shape [B, T, H, D].
+"""
+from lcjax.ops.attention import attention, IMPLEMENTATIONS
+from lcjax.ops.reference import reference_attention

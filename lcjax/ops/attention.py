@@ -1,0 +1,63 @@
+"""`ops.attention`: the one local attention entry point; validates, fills defaults, dispatches."""
+import jax
+import jax.numpy as jnp
+
+from lcjax.ops.reference import reference_attention
+
+IMPLEMENTATIONS = ("auto", "reference")
+
+
+def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                    sliding_window, softcap):
+  """Raises ValueError on inputs a user can get wrong; returns filled positions/segments."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"attention expects q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]; got shapes "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  B, Tq, H, D = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+  if k.shape[0] != B or k.shape[3] != D:
+    raise ValueError(f"k/v batch and head dim must match q's ({B}, {D}); got k {k.shape}")
+  K = k.shape[2]
+  if K == 0 or H % K:
+    raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K}) for GQA/MQA; "
+                     f"choose num_kv_heads dividing num_heads")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating dtype; got {x.dtype}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f"sliding_window must be >= 1 (or None for no window); got {sliding_window}")
+  if softcap is not None and softcap <= 0:
+    raise ValueError(f"softcap must be > 0 (or None); got {softcap}")
+  Tk = k.shape[1]
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32), (B, Tq))
+  if kv_positions is None:
+    kv_positions = jnp.broadcast_to(jnp.arange(Tk, dtype=jnp.int32), (B, Tk))
+  for name, x, T in (("q_positions", q_positions, Tq), ("kv_positions", kv_positions, Tk),
+                     ("q_segment_ids", q_segment_ids, Tq), ("kv_segment_ids", kv_segment_ids, Tk)):
+    if x is not None and x.shape != (B, T):
+      raise ValueError(f"{name} must have shape (B, T) = {(B, T)}; got {x.shape}")
+  return q_positions, kv_positions
+
+
+def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+              q_positions=None, kv_positions=None, sliding_window=None, softcap=None,
+              scale=None, return_lse=False, implementation="auto"):
+  """Softmax attention over [B, T, H, D] arrays with lcjax's masking semantics (DESIGN.md).
+
+  Returns out [B, Tq, Hq, D] in q.dtype and, with return_lse, lse [B, Hq, Tq] float32 (natural log).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; "
+                     f"choose one of {IMPLEMENTATIONS}")
+  q_positions, kv_positions = _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids,
+                                              q_positions, kv_positions, sliding_window, softcap)
+  return reference_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, q_positions=q_positions,
+                             kv_positions=kv_positions, sliding_window=sliding_window,
+                             softcap=softcap, scale=scale, return_lse=return_lse)
