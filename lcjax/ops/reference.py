@@ -1,7 +1,8 @@
 """Dense attention that implements lcjax's masking semantics exactly: the ground truth.
 
 Materialises the [B, H, Tq, Tk] score matrix, so it is for tests and short sequences only.
-Computes in float32 (or float64 when given float64 inputs and x64 is on).
+Computes in float32 (or float64 when given float64 inputs and x64 is on); `compute_dtype`
+overrides that, e.g. bfloat16 for the "plain bf16 implementation" that bf16 tests measure against.
 """
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,12 @@ def allowed_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, ca
 
 def reference_attention(q_BTHD, k_BTKD, v_BTKD, *, causal=False, q_segment_ids=None,
                         kv_segment_ids=None, q_positions=None, kv_positions=None,
-                        sliding_window=None, softcap=None, scale=None, return_lse=False):
+                        sliding_window=None, softcap=None, scale=None, return_lse=False,
+                        compute_dtype=None):
   """Dense softmax attention; arguments as `ops.attention`, already validated and filled in."""
   B, Tq, H, D = q_BTHD.shape
   K = k_BTKD.shape[2]
-  compute = jnp.float64 if q_BTHD.dtype == jnp.float64 else jnp.float32
+  compute = compute_dtype or (jnp.float64 if q_BTHD.dtype == jnp.float64 else jnp.float32)
   scale = D ** -0.5 if scale is None else scale
   q = q_BTHD.astype(compute).reshape(B, Tq, K, H // K, D)
   s_BKGQT = jnp.einsum("bqkgd,btkd->bkgqt", q, k_BTKD.astype(compute)) * scale
@@ -48,4 +50,4 @@ def reference_attention(q_BTHD, k_BTKD, v_BTKD, *, causal=False, q_segment_ids=N
     return out_BTHD
   lse = jnp.where(denom[..., 0] > 0, jnp.log(denom_safe[..., 0]) + m_safe[..., 0], -jnp.inf)
   lse_BHT = lse.reshape(B, H, Tq)
-  return out_BTHD, lse_BHT.astype(jnp.float64 if compute == jnp.float64 else jnp.float32)
+  return out_BTHD, lse_BHT.astype(jnp.promote_types(compute, jnp.float32))

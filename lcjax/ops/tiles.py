@@ -1,0 +1,199 @@
+"""Tile math and block plans shared by the blockwise XLA path and the Pallas kernels.
+
+FlashAttention-2 (Dao 2023, arXiv 2307.08691) cuts Q into row blocks and K/V into column
+blocks. The forward pass keeps per query row a running max m, sum l and accumulator (Alg. 1):
+
+  m' = max(m, rowmax(S)),  P = exp(S - m'),  l' = e^(m - m') l + rowsum(P),
+  acc' = e^(m - m') acc + P V;   at the end O = acc / l,  LSE = m + log l  (natural log).
+
+The backward pass recomputes P = exp(S - LSE) tile by tile (Alg. 2) with
+Delta = rowsum(dO * O) - dLSE, where dLSE is the cotangent of the LSE output (dLSE/dS = P):
+
+  dV += P^T dO,  dP = dO V^T,  dS = P (dP - Delta),  dQ += dS K,  dK += dS^T Q.
+
+Masked scores are -inf and every exp is taken against a finite stand-in for a -inf max, so a
+row with no allowed key gives O = 0, LSE = -inf and zero gradients, never NaN.
+
+The functions on tiles take 2-D arrays ([bq, D], [bk, D], [bq, bk]) and use only ops that
+Mosaic lowers, so the Pallas kernels call them on loaded refs and the XLA path vmaps them
+over batch and heads. A block plan says per (batch row, q block, kv block) whether the tile is
+fully masked (SKIP), partly masked (PARTIAL) or fully visible (FULL), from per-block min/max
+of positions and segment ids; SKIP and FULL are claimed only when they hold for every pair.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SKIP, PARTIAL, FULL = 0, 1, 2
+_NT = (((1,), (1,)), ((), ()))  # contract the last dims: A B^T
+_NN = (((1,), (0,)), ((), ()))  # A B
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Static options of one attention call (hashable: jit and custom_vjp take it as static)."""
+  causal: bool
+  sliding_window: int | None
+  softcap: float | None
+  scale: float
+  segments: bool  # q/kv segment ids are given
+  kv_len: int  # true Tk; columns at or past it are padding
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes [block_q, block_kv]; `default` gives the tested choice per kernel and backend."""
+  block_q: int
+  block_kv: int
+
+  def __post_init__(self):
+    if self.block_q < 1 or self.block_kv < 1:
+      raise ValueError(f"block sizes must be >= 1; got {self}")
+
+  @classmethod
+  def default(cls, kernel: str, backend: str) -> "BlockSizes":
+    """kernel "xla" | "pallas"; backend as jax.default_backend() names it."""
+    table = {("xla", "cpu"): (512, 512), ("xla", "gpu"): (512, 512), ("xla", "tpu"): (512, 1024),
+             ("pallas", "tpu"): (512, 512), ("pallas", "cpu"): (128, 128),
+             ("pallas", "gpu"): (128, 128)}
+    return cls(*table.get((kernel, backend), table[(kernel, "cpu")]))
+
+  def fit(self, Tq: int, Tk: int) -> "BlockSizes":
+    """Clamps each block to the sequence rounded up to 8 (a TPU sublane), so short inputs pad little."""
+    return BlockSizes(min(self.block_q, _round_up(Tq, 8)), min(self.block_kv, _round_up(Tk, 8)))
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def pad_seq(x, length, axis, mode="constant"):
+  """Pads `axis` of x to `length`; "edge" repeats the last entry (keeps block min/max tight)."""
+  extra = length - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, mode=mode)
+
+
+def mm(a, b, *, trans_a=False, trans_b=False, out_dtype=jnp.float32):
+  """a @ b (optionally transposed) accumulated in out_dtype; transposes as Mosaic lowers them."""
+  if trans_a:
+    a = a.T
+  return lax.dot_general(a, b, _NT if trans_b else _NN, preferred_element_type=out_dtype)
+
+
+def tile_scores(spec: Spec, q_QD, k_KD, acc_dtype=jnp.float32):
+  """Scaled, soft-capped scores [bq, bk] and tanh(s / softcap) (None without softcap)."""
+  s = mm(q_QD, k_KD, trans_b=True, out_dtype=acc_dtype) * spec.scale
+  if spec.softcap is None:
+    return s, None
+  t = jnp.tanh(s / spec.softcap)
+  return spec.softcap * t, t
+
+
+def tile_mask(spec: Spec, qpos_Q1, kpos_1K, qseg_Q1, kseg_1K, col0):
+  """[bq, bk] bool: may query i attend key j (DESIGN.md semantics, padded keys excluded), or None."""
+  bq, bk = qpos_Q1.shape[0], kpos_1K.shape[1]
+  conds = []
+  if spec.causal:
+    conds.append(kpos_1K <= qpos_Q1)
+  if spec.sliding_window is not None:
+    conds.append(qpos_Q1 - kpos_1K < spec.sliding_window)
+  if spec.segments:
+    conds.append(qseg_Q1 == kseg_1K)
+  if spec.kv_len % bk:
+    cols = col0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    conds.append(cols < spec.kv_len)
+  if not conds:
+    return None
+  return functools.reduce(jnp.logical_and, [jnp.broadcast_to(c, (bq, bk)) for c in conds])
+
+
+def online_softmax_update(s_QK, mask_QK, v_KD, m_Q1, l_Q1, acc_QD):
+  """One kv tile of the forward recurrence; returns the new (m, l, acc)."""
+  if mask_QK is not None:
+    s_QK = jnp.where(mask_QK, s_QK, -jnp.inf)
+  m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p_QK = jnp.exp(s_QK - m_safe)
+  alpha = jnp.exp(m_Q1 - m_safe)
+  l_new = alpha * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
+  acc_new = alpha * acc_QD + mm(p_QK.astype(v_KD.dtype), v_KD, out_dtype=acc_QD.dtype)
+  return m_new, l_new, acc_new
+
+
+def finalize(m_Q1, l_Q1, acc_QD):
+  """(out [bq, D], lse [bq, 1]) from the running state; rows that saw no key get 0 and -inf."""
+  seen = l_Q1 > 0
+  l_safe = jnp.where(seen, l_Q1, 1.0)
+  return acc_QD / l_safe, jnp.where(seen, m_Q1 + jnp.log(l_safe), -jnp.inf)
+
+
+def tile_p_ds(s_QK, t_QK, mask_QK, lse_Q1, delta_Q1, do_QD, v_KD):
+  """Recomputed probabilities P and dS [bq, bk] w.r.t. the scaled, uncapped scores.
+
+  lse must be +inf (not -inf) on empty rows, which makes P exactly 0 there without a branch.
+  """
+  if mask_QK is not None:
+    s_QK = jnp.where(mask_QK, s_QK, -jnp.inf)
+  p_QK = jnp.exp(s_QK - lse_Q1)
+  dp_QK = mm(do_QD, v_KD, trans_b=True, out_dtype=lse_Q1.dtype)
+  ds_QK = p_QK * (dp_QK - delta_Q1)
+  if t_QK is not None:
+    ds_QK = ds_QK * (1.0 - t_QK * t_QK)
+  return p_QK, ds_QK
+
+
+def backward_row_terms(out, dout, lse, dlse, axis=-1):
+  """(lse for the backward, Delta) per row: empty rows get lse +inf and Delta 0, so no NaN enters.
+
+  out/dout carry D on `axis`; lse/dlse have the same shape without it. Delta = rowsum(dO*O) - dLSE.
+  """
+  empty = lse == -jnp.inf
+  delta = jnp.sum(dout.astype(lse.dtype) * out.astype(lse.dtype), axis=axis) - dlse
+  return jnp.where(empty, jnp.inf, lse), jnp.where(empty, 0.0, delta)
+
+
+def block_status(spec: Spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq: int, bk: int):
+  """int32 [B, nq, nk] SKIP/PARTIAL/FULL; inputs padded (edge mode) to multiples of bq and bk."""
+  def ranges(x_BT, b):
+    x = x_BT.reshape(x_BT.shape[0], -1, b)
+    return x.min(-1), x.max(-1)
+  (qlo, qhi), (klo, khi) = ranges(qpos_BT, bq), ranges(kpos_BT, bk)
+  qlo, qhi, klo, khi = qlo[:, :, None], qhi[:, :, None], klo[:, None, :], khi[:, None, :]
+  skip = jnp.zeros(jnp.broadcast_shapes(qlo.shape, klo.shape), bool)
+  full = jnp.ones_like(skip)
+  if spec.causal:
+    skip |= klo > qhi
+    full &= khi <= qlo
+  if spec.sliding_window is not None:
+    skip |= qlo - khi >= spec.sliding_window
+    full &= qhi - klo < spec.sliding_window
+  if spec.segments:
+    (sqlo, sqhi), (sklo, skhi) = ranges(qseg_BT, bq), ranges(kseg_BT, bk)
+    sqlo, sqhi, sklo, skhi = sqlo[:, :, None], sqhi[:, :, None], sklo[:, None, :], skhi[:, None, :]
+    skip |= (skhi < sqlo) | (sklo > sqhi)
+    full &= (sqlo == sqhi) & (sklo == skhi) & (sqlo == sklo)
+  if spec.kv_len % bk:  # the last kv block holds padding columns
+    full &= jnp.arange(skip.shape[2]) < skip.shape[2] - 1
+  return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
+
+
+def fetch_plan(status, axis: int):
+  """status * 1 + 4 * (block to load): a skipped block reloads a neighbouring live one, no new DMA.
+
+  Along `axis`, a skipped block points at the last live block before it, or (when none) the
+  first live one after it, so the pipeline sees an unchanged block index and skips the copy.
+  """
+  n = status.shape[axis]
+  idx = lax.broadcasted_iota(jnp.int32, status.shape, axis)
+  live = status != SKIP
+  before = lax.cummax(jnp.where(live, idx, -1), axis=axis)
+  after = lax.cummin(jnp.where(live, idx, n), axis=axis, reverse=True)
+  fetch = jnp.where(before >= 0, before, jnp.where(after < n, after, 0))
+  return fetch * 4 + status
