@@ -1,0 +1,152 @@
+"""The base config every experiment starts from, and its validation.
+
+Each field is commented here; experiments override values, never add keys. `validate` fails
+at start, naming the offending key and value and the fix.
+"""
+import ml_collections
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000            # optimizer steps in the whole run
+  c.train.batch_size = 32         # global batch, in sequences
+  c.train.seq_len = 256           # tokens per sequence
+  c.train.lr = 3e-3               # peak learning rate (after warmup)
+  c.train.warmup_steps = 100      # linear warmup from 0 to lr
+  c.train.end_lr_fraction = 0.1   # cosine decays to lr * end_lr_fraction at the last step
+  c.train.eval_every = 200        # evaluate on the held-out split every N steps (and at the end)
+  c.train.eval_batches = 8        # held-out batches per evaluation (0 = the whole split)
+  c.train.log_every = 20          # write train metrics every N steps
+  c.train.seed = 0                # parameter init, data order
+  c.train.peak_flops = 0.0        # per-device peak FLOP/s for MFU; 0 = measure a matmul at start
+  c.train.sample_prompt = "def "  # prompt of the text sample written at the end ("" = no sample)
+  c.train.sample_tokens = 200     # tokens generated for that sample
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 200        # save every N steps (and always at the end)
+  c.checkpoint.keep = 3           # keep the last K checkpoints
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.replica = 1              # DiLoCo/DiPaCo islands (slowest links)
+  c.mesh.data = -1                # plain data parallel; -1 = all devices the other axes leave
+  c.mesh.fsdp = 1                 # data parallel with sharded params/optimizer state (ZeRO-3)
+  c.mesh.ring = 1                 # sequence parallel, ring attention
+  c.mesh.ulysses = 1              # sequence parallel, all-to-all head scatter
+  c.mesh.tensor = 1               # tensor parallel over heads and MLP hidden
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4          # transformer blocks in total
+  c.model.num_levels = 1          # blocks are grouped into levels of num_layers/num_levels blocks
+  c.model.embed_dim = 256         # model width E
+  c.model.num_heads = 4           # query heads H
+  c.model.num_kv_heads = 2        # key/value heads K (GQA when K < H; H % K == 0)
+  c.model.head_dim = 64           # D
+  c.model.mlp_dim = 768           # SwiGLU hidden width F
+  c.model.vocab_size = 0          # embedding rows; 0 = tokenizer vocab rounded up to a multiple of 128
+  c.model.rope_theta = 10000.0    # RoPE base
+  c.model.rope_scaling = 0.0      # llama3-style frequency scaling factor; 0 = off
+  c.model.rope_low_freq_factor = 1.0    # llama3 scaling: wavelengths above orig_len/low are scaled
+  c.model.rope_high_freq_factor = 4.0   # llama3 scaling: wavelengths below orig_len/high are kept
+  c.model.rope_original_len = 8192      # llama3 scaling: the pretraining context length
+  c.model.norm_eps = 1e-5         # RMSNorm epsilon
+  c.model.tie_embeddings = True   # LM head shares the token embedding
+  c.model.dtype = "float32"       # compute dtype (params stay float32): float32 | bfloat16
+  c.model.attention = "auto"      # ops.attention implementation: auto | reference | xla | pallas
+  c.model.sliding_window = 0      # attend to the last N positions only; 0 = unlimited
+  c.model.remat = "none"          # per-block rematerialisation: none | full | dots
+  c.model.mlp_chunks = 1          # MsT mini-sequences for the MLP (1 = off)
+  c.model.loss_chunks = 1         # MsT mini-sequences for LM head + loss (1 = off)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"          # adamw | sgd
+  c.optim.b1 = 0.9                # AdamW beta1
+  c.optim.b2 = 0.95               # AdamW beta2
+  c.optim.eps = 1e-8              # AdamW epsilon
+  c.optim.momentum = 0.9          # SGD momentum (0 = plain SGD)
+  c.optim.weight_decay = 0.1      # decoupled weight decay on matrices (not on norms)
+  c.optim.clip_norm = 1.0         # global gradient-norm clipping; 0 = off
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
+  c.data.paths = ""               # text/jsonl: comma-separated globs of files
+  c.data.eval_paths = ""          # optional globs of held-out files; "" = split `paths` by file hash
+  c.data.eval_fraction = 0.05     # fraction of files (or JSONL documents) held out when splitting
+  c.data.text_field = "text"      # jsonl: the field holding the document text
+  c.data.tokenizer = "bytes"      # bytes | hf (local tokenizer.json) | sentencepiece (local .model)
+  c.data.tokenizer_path = ""      # path of the tokenizer file for hf/sentencepiece
+  c.data.max_documents = 0        # use only the first N documents of each split; 0 = all
+  return c
+
+
+def _check_keys(config, reference, prefix=""):
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in reference:
+      known = ", ".join(sorted(reference.keys()))
+      raise ValueError(f"unknown config key '{name}'; known keys here: {known}")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ValueError(f"config key '{name}' must be a section, got {config[key]!r}")
+      _check_keys(config[key], reference[key], name + ".")
+
+
+def _require(ok, message):
+  if not ok:
+    raise ValueError(message)
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """Checks keys and values; returns a locked copy with defaults for missing keys filled in."""
+  base = base_config()
+  _check_keys(config, base)
+  full = base
+  full.update(config)  # missing keys keep their defaults
+  t, m, o, d = full.train, full.model, full.optim, full.data
+  for key in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "sample_tokens"):
+    _require(t[key] > 0, f"train.{key} must be > 0; got {t[key]}")
+  _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {t.warmup_steps}")
+  _require(t.lr > 0, f"train.lr must be > 0; got {t.lr}")
+  _require(full.checkpoint.every > 0 and full.checkpoint.keep > 0,
+           f"checkpoint.every and checkpoint.keep must be > 0; got {full.checkpoint.every}, "
+           f"{full.checkpoint.keep}")
+  for key in ("num_layers", "num_levels", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "mlp_chunks", "loss_chunks"):
+    _require(m[key] > 0, f"model.{key} must be > 0; got {m[key]}")
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads "
+           f"({m.num_kv_heads}); pick num_kv_heads among the divisors of num_heads")
+  _require(m.num_layers % m.num_levels == 0,
+           f"model.num_layers ({m.num_layers}) must be a multiple of model.num_levels "
+           f"({m.num_levels})")
+  _require(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}; got {m.dtype!r}")
+  _require(m.remat in REMAT_POLICIES,
+           f"model.remat must be one of {REMAT_POLICIES}; got {m.remat!r}")
+  _require(m.sliding_window >= 0, f"model.sliding_window must be >= 0; got {m.sliding_window}")
+  _require(m.mlp_chunks <= t.seq_len and m.loss_chunks <= t.seq_len,
+           f"model.mlp_chunks ({m.mlp_chunks}) and model.loss_chunks ({m.loss_chunks}) cannot "
+           f"exceed train.seq_len ({t.seq_len})")
+  _require(o.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd; got {o.name!r}")
+  _require(o.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = off); got {o.clip_norm}")
+  _require(d.source in ("stdlib", "text", "jsonl"),
+           f"data.source must be stdlib, text or jsonl; got {d.source!r}")
+  _require(d.source == "stdlib" or d.paths,
+           f"data.source={d.source!r} needs data.paths (comma-separated globs)")
+  _require(d.tokenizer in ("bytes", "hf", "sentencepiece"),
+           f"data.tokenizer must be bytes, hf or sentencepiece; got {d.tokenizer!r}")
+  _require(d.tokenizer == "bytes" or d.tokenizer_path,
+           f"data.tokenizer={d.tokenizer!r} needs data.tokenizer_path (a local file)")
+  _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1); got {d.eval_fraction}")
+  for axis in MESH_AXES:
+    _require(full.mesh[axis] >= 1 or (axis == "data" and full.mesh[axis] == -1),
+             f"mesh.{axis} must be >= 1 (mesh.data may be -1: fill); got {full.mesh[axis]}")
+  _require(full.mesh.ring * full.mesh.ulysses == 1,
+           f"mesh.ring={full.mesh.ring}, mesh.ulysses={full.mesh.ulysses}: sequence "
+           "parallelism is not wired into the model yet; set both to 1")
+  full.lock()
+  return full

@@ -1,0 +1,56 @@
+"""Data: tokenizers, document sources, packing, and the resumable train/eval streams."""
+import dataclasses
+
+import numpy as np
+
+from lcjax.data.packing import FIELDS, PackedSequences, empty_batch_rows
+from lcjax.data.sources import load_documents
+from lcjax.data.tokenizers import make_tokenizer
+
+
+@dataclasses.dataclass
+class Datasets:
+  tokenizer: object
+  train: PackedSequences
+  eval: PackedSequences
+
+  def train_batch(self, step: int, batch_size: int) -> dict:
+    """The global batch of a step: sequences step*B .. step*B+B-1 of the shuffled train stream."""
+    return self.train.batch(step * batch_size, batch_size)
+
+  def eval_batches(self, batch_size: int, max_batches: int):
+    """Held-out batches in a fixed order (no shuffle); the last one padded with empty rows."""
+    n = self.eval.num_sequences
+    count = -(-n // batch_size)
+    if max_batches:
+      count = min(count, max_batches)
+    for b in range(count):
+      first = b * batch_size
+      keep = min(batch_size, n - first)
+      batch = self.eval.batch(first, batch_size)
+      yield batch if keep == batch_size else empty_batch_rows(batch, keep)
+
+  def unigram_entropy(self) -> float:
+    """Cross-entropy (nats/token) of held-out targets under train-target unigram frequencies."""
+    vocab = self.tokenizer.vocab_size
+    counts = np.ones(vocab)  # add-one smoothing: unseen held-out tokens keep a finite cost
+    for g in range(self.train.num_sequences):
+      s = self.train.sequence(g)
+      counts += np.bincount(s["targets"][s["loss_mask"] > 0], minlength=vocab)[:vocab]
+    log_p = np.log(counts / counts.sum())
+    held = np.zeros(vocab)
+    for g in range(self.eval.num_sequences):
+      s = self.eval.sequence(g)
+      held += np.bincount(s["targets"][s["loss_mask"] > 0], minlength=vocab)[:vocab]
+    return float(-(held * log_p).sum() / held.sum())
+
+
+def build(data_config, seq_len: int, seed: int) -> Datasets:
+  tokenizer = make_tokenizer(data_config)
+  train_docs, eval_docs = load_documents(data_config)
+  special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  train = PackedSequences([tokenizer.encode(d) for d in train_docs], seq_len, seed=seed,
+                          shuffle=True, **special)
+  held_out = PackedSequences([tokenizer.encode(d) for d in eval_docs], seq_len, seed=seed,
+                             shuffle=False, **special)
+  return Datasets(tokenizer, train, held_out)

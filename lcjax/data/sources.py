@@ -1,0 +1,95 @@
+"""Where documents come from: the standard library's sources (default), text files, JSONL.
+
+Splits into train and held-out eval by a hash of each file's path (or of each JSONL document),
+so the split is the same on every machine and for every mesh.
+"""
+import glob
+import json
+import os
+import pathlib
+import sysconfig
+import zlib
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_files() -> list[tuple[str, str]]:
+  """(key, path) of the running interpreter's standard-library .py files, tests excluded."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = []
+  for path in root.rglob("*.py"):
+    rel = path.relative_to(root)
+    if not _SKIP_DIRS.intersection(rel.parts[:-1]):
+      files.append((rel.as_posix(), str(path)))
+  return sorted(files)
+
+
+def _glob_files(patterns: str, key: str) -> list[tuple[str, str]]:
+  files = []
+  for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
+                     if os.path.isfile(m))
+    if not matches:
+      raise ValueError(f"{key}: the glob {pattern!r} matches no file; fix the path")
+    files.extend((m, m) for m in matches)
+  return files
+
+
+def _held_out(key: str, fraction: float) -> bool:
+  return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
+
+
+def _read_text(path):
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return f.read()
+
+
+def _jsonl_documents(files, field):
+  for _, path in files:
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}); fix or remove the line")
+        if field not in record:
+          raise ValueError(f"{path}:{line_no} has no field {field!r}; set data.text_field")
+        yield f"{path}:{line_no}", record[field]
+
+
+def _documents(files, data_config):
+  """Yields (key, text); the key decides the train/eval split."""
+  if data_config.source == "jsonl":
+    yield from _jsonl_documents(files, data_config.text_field)
+  else:
+    for key, path in files:
+      yield key, _read_text(path)
+
+
+def load_documents(data_config) -> tuple[list[str], list[str]]:
+  """(train documents, eval documents) as text, in a fixed order."""
+  if data_config.source == "stdlib":
+    files = stdlib_files()
+  else:
+    files = _glob_files(data_config.paths, "data.paths")
+  eval_files = _glob_files(data_config.eval_paths, "data.eval_paths") if data_config.eval_paths else []
+  train, held_out = [], []
+  for key, text in _documents(files, data_config):
+    if not text:
+      continue
+    (held_out if not eval_files and _held_out(key, data_config.eval_fraction) else train).append(text)
+  for _, text in _documents(eval_files, data_config):
+    if text:
+      held_out.append(text)
+  if data_config.max_documents:
+    train, held_out = train[:data_config.max_documents], held_out[:data_config.max_documents]
+  where = "the standard library" if data_config.source == "stdlib" else repr(data_config.paths)
+  if not train:
+    raise ValueError(f"the corpus from {where} has no non-empty training document; "
+                     "point data.paths at files with text")
+  if not held_out:
+    raise ValueError(f"the corpus from {where} has no held-out document; raise "
+                     "data.eval_fraction or set data.eval_paths")
+  return train, held_out

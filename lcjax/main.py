@@ -1,0 +1,27 @@
+"""CLI: python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=DIR [--config.a.b=v] [--dry_run]"""
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumed if present")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "compile the step, report its size and memory, exit")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from lcjax import train  # after absl parsed flags, so JAX sees the environment as set
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
+  except ValueError as e:
+    raise SystemExit(f"lcjax: error: {e}")
+  print(json.dumps(result, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

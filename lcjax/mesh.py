@@ -1,0 +1,99 @@
+"""The global device mesh and the one table mapping logical axis names to mesh axes.
+
+Axes, slowest links first: replica, data, fsdp, ring, ulysses, tensor (DESIGN.md). All six
+always exist (size 1 when unused), so a PartitionSpec never depends on which are in use.
+"""
+import math
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
+BATCH_AXES = ("replica", "data", "fsdp")
+SEQUENCE_AXES = ("ring", "ulysses")
+
+# Logical name -> mesh axes. Parameters and activations name their dimensions logically;
+# this table alone decides where they live.
+LOGICAL_RULES = {
+    "batch": BATCH_AXES,
+    "seq": SEQUENCE_AXES,
+    "act_embed": None,     # model width of activations (batch already uses fsdp)
+    "embed": ("fsdp",),    # model width of parameters: ZeRO-3 sharding
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": None,
+    "norm": None,          # RMSNorm scales: small, replicated
+    "layers": None,        # the stacked-blocks dimension of a level
+}
+
+
+def mesh_shape(mesh_config, device_count: int) -> dict:
+  """Per-axis sizes with `data=-1` filled in; ValueError unless their product is the device count."""
+  sizes = {axis: int(mesh_config[axis]) for axis in AXES}
+  others = math.prod(size for axis, size in sizes.items() if axis != "data")
+  if sizes["data"] == -1:
+    if device_count % others:
+      raise ValueError(f"mesh axes other than data multiply to {others}, which does not divide "
+                       f"the {device_count} devices; change the mesh sizes")
+    sizes["data"] = device_count // others
+  if math.prod(sizes.values()) != device_count:
+    raise ValueError(f"mesh sizes {sizes} multiply to {math.prod(sizes.values())} but there are "
+                     f"{device_count} devices; make the product equal the device count "
+                     "(or set mesh.data=-1 to fill)")
+  return sizes
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices)
+
+
+def _mesh_axes_for(name, mesh):
+  axes = LOGICAL_RULES[name] if name is not None else None
+  return tuple(a for a in (axes or ()) if mesh.shape[a] > 1)
+
+
+def logical_spec(shape, logical_axes, mesh) -> P:
+  """PartitionSpec for an array whose dims carry `logical_axes`; a dim that does not divide stays whole."""
+  spec = []
+  for dim, name in zip(shape, logical_axes):
+    axes = _mesh_axes_for(name, mesh)
+    if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+      spec.append(None)
+    else:
+      spec.append(axes if len(axes) > 1 else axes[0])
+  return P(*spec)
+
+
+def logical_sharding(shape, logical_axes, mesh) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(shape, logical_axes, mesh))
+
+
+def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
+  """[B, T, ...] data arrays: batch over (replica, data, fsdp), sequence over (ring, ulysses)."""
+  names = ("batch", "seq") + (None,) * (ndim - 2)
+  return NamedSharding(mesh, P(*[(_mesh_axes_for(n, mesh) or None) for n in names]))
+
+
+def batch_divisor(mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def constrain(x, logical_axes):
+  """with_sharding_constraint by logical names under the current mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(x.shape, logical_axes, mesh))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def describe(mesh) -> str:
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in AXES if mesh.shape[a] > 1) or "single device"

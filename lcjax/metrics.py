@@ -1,0 +1,98 @@
+"""Metrics: JSONL + TensorBoard writer, FLOP accounting (DESIGN.md convention), MFU, memory."""
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir, resume_step: int | None):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    if resume_step is not None and self.path.exists():
+      # Records logged after the checkpoint we resume from are about to be logged again.
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    self._file = open(self.path, "a")
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, record: dict):
+    record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, step)
+
+  def close(self):
+    self._file.close()
+    self._tb.close()
+
+
+def _plain(value):
+  value = np.asarray(value) if isinstance(value, (jax.Array, np.ndarray, np.generic)) else value
+  if isinstance(value, np.ndarray):
+    return value.item() if value.size == 1 else value.tolist()
+  return value
+
+
+def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
+  """Model FLOPs of one training step (DESIGN.md): matmuls 2mnk, 3x forward for the dense part;
+  attention forward 4·B·H·Tq·Tk·D halved for causal (banded for a window), backward 2.5x forward."""
+  E, H, K, D, F, V = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                      cfg.vocab_size)
+  tokens = batch_size * seq_len
+  matmul_params = cfg.num_layers * (2 * E * H * D + 2 * E * K * D + 3 * E * F) + E * V
+  window = min(seq_len, cfg.sliding_window or seq_len)
+  attn_pairs = seq_len * window - window * window / 2  # T²/2 for causal without a window
+  attention_forward = 4 * batch_size * H * D * attn_pairs * cfg.num_layers
+  return 3 * 2 * matmul_params * tokens + 3.5 * attention_forward
+
+
+def measure_peak_flops(mesh, dtype, size: int | None = None, repeats: int = 5) -> float:
+  """Per-device matmul throughput (FLOP/s): one [n, n] @ [n, n] per device, median of repeats."""
+  n_dev = mesh.devices.size
+  size = size or (512 if jax.default_backend() == "cpu" else 8192)
+  sharding = NamedSharding(mesh, P(mesh.axis_names))
+  a = jax.device_put(jnp.ones((n_dev, size, size), dtype), sharding)
+  matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharding)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / float(np.median(times))
+
+
+def compiled_memory(compiled) -> dict:
+  """The compile/* fields of the start record, from the compiled step's memory_analysis()."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  return {"compile/temp_bytes": mem.temp_size_in_bytes,
+          "compile/argument_bytes": mem.argument_size_in_bytes,
+          "compile/output_bytes": mem.output_size_in_bytes,
+          "compile/host_argument_bytes": mem.host_argument_size_in_bytes,
+          "compile/host_temp_bytes": mem.host_temp_size_in_bytes}
+
+
+def state_bytes_by_memory_kind(tree) -> dict:
+  """optim/state_bytes_{device,host}: bytes of the arrays (or abstract arrays) by memory kind."""
+  device = host = 0
+  for x in jax.tree.leaves(tree):
+    kind = getattr(x.sharding, "memory_kind", None) or "device"
+    nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+    if "host" in kind:
+      host += nbytes
+    else:
+      device += nbytes
+  return {"optim/state_bytes_device": device, "optim/state_bytes_host": host}

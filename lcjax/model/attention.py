@@ -1,0 +1,33 @@
+"""Grouped-query self-attention with RoPE over packed documents; calls `ops.attention`."""
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax import ops
+from lcjax.model.config import ModelConfig
+from lcjax.model.layers import _init, apply_rope, rope_frequencies
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    E, H, K, D = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.wq = nnx.Param(_init(rngs, (E, H, D), (0,)), logical_axes=("embed", "heads", "head_dim"))
+    self.wk = nnx.Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
+    self.wv = nnx.Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
+    self.wo = nnx.Param(_init(rngs, (H, D, E), (0, 1), 1 / (2 * cfg.num_layers) ** 0.5),
+                        logical_axes=("heads", "head_dim", "embed"))
+    self.cfg = cfg
+
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    inv_freq = rope_frequencies(cfg)
+    q_BTHD = apply_rope(jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt)),
+                        positions_BT, inv_freq)
+    k_BTKD = apply_rope(jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt)),
+                        positions_BT, inv_freq)
+    v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
+    out_BTHD = ops.attention(
+        q_BTHD, k_BTKD, v_BTKD, causal=True,
+        q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+        q_positions=positions_BT, kv_positions=positions_BT,
+        sliding_window=cfg.sliding_window or None, implementation=cfg.attention)
+    return jnp.einsum("bthd,hde->bte", out_BTHD, self.wo[...].astype(dt))

@@ -1,0 +1,57 @@
+"""Frozen model hyper-parameters: what model code receives instead of a ConfigDict."""
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int = 4
+  num_levels: int = 1
+  embed_dim: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  mlp_dim: int = 768
+  rope_theta: float = 10000.0
+  rope_scaling: float = 0.0          # llama3 factor; 0 = off
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"             # compute dtype; parameters are float32
+  attention: str = "auto"
+  sliding_window: int = 0            # 0 = unlimited
+  remat: str = "none"
+  mlp_chunks: int = 1
+  loss_chunks: int = 1
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def layers_per_level(self) -> int:
+    return self.num_layers // self.num_levels
+
+  @classmethod
+  def from_config(cls, model_config, tokenizer_vocab: int) -> "ModelConfig":
+    """From the validated `config.model`; vocab_size 0 = tokenizer vocab rounded up to 128."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model_config.items() if k in fields}
+    vocab = values["vocab_size"] or -(-tokenizer_vocab // 128) * 128
+    if vocab < tokenizer_vocab:
+      raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
+                       f"({tokenizer_vocab}); raise it or set 0 to derive it")
+    values["vocab_size"] = vocab
+    return cls(**values)
+
+  def param_count(self) -> int:
+    """Parameters by formula (tests check the model against it)."""
+    E, H, K, D, F, V = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
+                        self.mlp_dim, self.vocab_size)
+    block = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E
+    head = 0 if self.tie_embeddings else V * E
+    return V * E + self.num_layers * block + E + head

@@ -1,0 +1,82 @@
+"""Building blocks of the Llama family: RMSNorm, RoPE, SwiGLU MLP, embedding."""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax.model.config import ModelConfig
+
+
+def _init(rngs, shape, fan_in_axes, std_scale=1.0):
+  """Truncated-normal init with variance 1/fan_in (times std_scale^2), float32."""
+  fan_in = math.prod(shape[a] for a in fan_in_axes)
+  std = std_scale / math.sqrt(fan_in)
+  return std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32) / .8796
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+  """Inverse frequencies [D/2] of RoPE, with llama3-style scaling when cfg.rope_scaling > 0."""
+  D = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+  if not cfg.rope_scaling:
+    return inv_freq
+  # Llama 3.1: long wavelengths are divided by the factor, short ones kept, and the band
+  # between blended linearly in 1/wavelength.
+  low_wavelen = cfg.rope_original_len / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_len / cfg.rope_high_freq_factor
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = ((cfg.rope_original_len / wavelen - cfg.rope_low_freq_factor) /
+            (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+  blended = (1 - smooth) * inv_freq / cfg.rope_scaling + smooth * inv_freq
+  return jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_scaling,
+                   jnp.where(wavelen < high_wavelen, inv_freq, blended))
+
+
+def apply_rope(x_BTHD, positions_BT, inv_freq):
+  """Rotates pairs (x[..., :D/2], x[..., D/2:]) by position * inv_freq, in float32."""
+  angles = positions_BT[:, :, None, None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)
+
+
+class Mlp(nnx.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    E, F = cfg.embed_dim, cfg.mlp_dim
+    self.w_gate = nnx.Param(_init(rngs, (E, F), (0,)), logical_axes=("embed", "mlp"))
+    self.w_up = nnx.Param(_init(rngs, (E, F), (0,)), logical_axes=("embed", "mlp"))
+    self.w_down = nnx.Param(_init(rngs, (F, E), (0,), 1 / math.sqrt(2 * cfg.num_layers)),
+                            logical_axes=("mlp", "embed"))
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_BTE):
+    dt = self.dtype
+    gate_BTF = x_BTE @ self.w_gate[...].astype(dt)
+    up_BTF = x_BTE @ self.w_up[...].astype(dt)
+    return (jax.nn.silu(gate_BTF) * up_BTF) @ self.w_down[...].astype(dt)
+
+
+class Embed(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.embed_dim), jnp.float32),
+        logical_axes=("vocab", "embed"))
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, tokens_BT):
+    return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)

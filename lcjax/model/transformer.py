@@ -1,0 +1,92 @@
+"""The Llama-family transformer: embedding, levels of scanned pre-norm blocks, final norm, LM head.
+
+A level is a stack of identical blocks whose parameters carry a leading `layers` dimension and
+run with `jax.lax.scan`, so a DiPaCo path is one module per level and swapping a module is
+swapping one stacked parameter tree.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax import mesh as mesh_lib
+from lcjax.model.attention import Attention
+from lcjax.model.config import ModelConfig
+from lcjax.model.layers import Embed, Mlp, RMSNorm, _init
+from lcjax.model.loss import next_token_loss_sums
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), positions_BT, segment_ids_BT)
+    x_BTE = x_BTE + self.mlp(self.mlp_norm(x_BTE))
+    return mesh_lib.constrain(x_BTE, ("batch", "seq", "act_embed"))
+
+
+class Level(nnx.Module):
+  """`layers_per_level` blocks with stacked parameters, applied by a scan."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=cfg.layers_per_level)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.remat = cfg.remat
+
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x, layer_params):
+      return nnx.merge(graphdef, layer_params)(x, positions_BT, segment_ids_BT), None
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x_BTE, _ = jax.lax.scan(body, x_BTE, stacked)
+    return x_BTE
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs)
+    self.levels = nnx.List([Level(cfg, rngs) for _ in range(cfg.num_levels)])
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(_init(rngs, (cfg.embed_dim, cfg.vocab_size), (0,)),
+                               logical_axes=("embed", "vocab"))
+
+  def hidden(self, tokens_BT, positions_BT, segment_ids_BT):
+    """Final-normed hidden states [B, T, E] in the compute dtype."""
+    x_BTE = mesh_lib.constrain(self.embed(tokens_BT), ("batch", "seq", "act_embed"))
+    for level in self.levels:
+      x_BTE = level(x_BTE, positions_BT, segment_ids_BT)
+    return self.final_norm(x_BTE)
+
+  def head_weight_EV(self):
+    """The LM head as [E, V] float32 (the transposed embedding when tied)."""
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding[...].T
+    return self.lm_head[...]
+
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT):
+    """Logits [B, T, V] in float32."""
+    h_BTE = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
+    return h_BTE.astype(jnp.float32) @ self.head_weight_EV()
+
+  def loss_sums(self, batch):
+    """(sum of next-token cross-entropy over loss-masked tokens, their count), both float32."""
+    h_BTE = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return next_token_loss_sums(h_BTE, self.head_weight_EV(), batch["targets"],
+                                batch["loss_mask"])

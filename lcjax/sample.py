@@ -1,0 +1,95 @@
+"""Text generation from a trained model: `python -m lcjax.sample --workdir=DIR --prompt=...`.
+
+Runs the full forward pass over a fixed window of `context` tokens for each new token (one
+compiled program for the whole sample); the window slides once it is full.
+"""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+
+def generate(steps, params, tokenizer, prompt: str, num_tokens: int, *, context: int,
+             seed: int = 0, temperature: float = 0.8) -> str:
+  """Prompt + `num_tokens` sampled tokens (temperature 0 = greedy), decoded."""
+  replicated = jax.sharding.NamedSharding(steps.mesh, jax.sharding.PartitionSpec())
+
+  @jax.jit
+  def next_token(params, window_1T, length, key):
+    model = nnx.merge(steps.graphdef, params)
+    positions = jnp.arange(context)[None]
+    segments = (positions < length).astype(jnp.int32)
+    logits_V = model(window_1T, positions, segments)[0, length - 1]
+    if temperature == 0:
+      return jnp.argmax(logits_V).astype(jnp.int32)
+    masked = jnp.where(jnp.arange(logits_V.shape[0]) < tokenizer.vocab_size, logits_V, -jnp.inf)
+    return jax.random.categorical(key, masked / temperature).astype(jnp.int32)
+
+  tokens = [tokenizer.bos_id] + tokenizer.encode(prompt).tolist()
+  key = jax.random.key(seed)
+  for i in range(num_tokens):
+    recent = tokens[-context:]
+    window = np.full((1, context), tokenizer.pad_id, np.int32)
+    window[0, :len(recent)] = recent
+    token = int(next_token(params, jax.device_put(window, replicated), len(recent),
+                           jax.random.fold_in(key, i)))
+    if token == tokenizer.eos_id:
+      break
+    tokens.append(token)
+  return tokenizer.decode(tokens[1:])
+
+
+def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: float) -> str:
+  """Loads DIR/config.json and the latest checkpoint onto the local devices, then samples."""
+  from lcjax import checkpoint as checkpoint_lib
+  from lcjax import config as config_lib
+  from lcjax import step as step_lib
+  from lcjax.data.tokenizers import make_tokenizer
+  from lcjax.model import ModelConfig
+  from lcjax import mesh as mesh_lib
+
+  config_path = pathlib.Path(workdir) / "config.json"
+  if not config_path.exists():
+    raise ValueError(f"{config_path} not found; --workdir must be a directory that lcjax trained in")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config.mesh = ml_collections.ConfigDict({a: 1 for a in mesh_lib.AXES} | {"data": -1})
+  config = config_lib.validate(config)
+  tokenizer = make_tokenizer(config.data)
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise ValueError(f"{workdir} has no checkpoint yet; train first")
+  with jax.set_mesh(mesh):
+    steps = step_lib.build(model_cfg, config, mesh)
+    state, _ = checkpointer.restore(step, steps.abstract_state)
+    text = generate(steps, state["params"], tokenizer, prompt, num_tokens,
+                    context=config.train.seq_len, temperature=temperature)
+  checkpointer.close()
+  return text
+
+
+def main():
+  workdir = flags.DEFINE_string("workdir", None, "directory of a training run", required=True)
+  prompt = flags.DEFINE_string("prompt", "def ", "text to continue")
+  num_tokens = flags.DEFINE_integer("num_tokens", 200, "tokens to generate")
+  temperature = flags.DEFINE_float("temperature", 0.8, "sampling temperature; 0 = greedy")
+
+  def run(argv):
+    del argv
+    try:
+      print(sample_from_workdir(workdir.value, prompt.value, num_tokens.value, temperature.value))
+    except ValueError as e:
+      raise SystemExit(f"lcjax.sample: error: {e}")
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

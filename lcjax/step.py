@@ -1,0 +1,118 @@
+"""The sharded training state and the jitted init, train and eval steps.
+
+State: {"step", "params", "opt_state"} as plain pytrees. Parameters are placed by their logical
+axes (mesh.LOGICAL_RULES); optimizer leaves inherit the placement of the parameter they mirror.
+The model has no stochastic layers, so there is no RNG state to carry: all randomness (the
+initialisation) derives from train.seed.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lcjax import mesh as mesh_lib
+from lcjax import model as model_lib
+from lcjax import optim
+from lcjax.data import FIELDS
+
+
+def _param_shardings(abstract_model, mesh):
+  """Pure-dict tree of NamedShardings for the model's parameters, from their logical axes."""
+  def sharding(variable):
+    axes = variable.get_metadata()["logical_axes"]
+    if len(variable.shape) == len(axes) + 1:  # stacked blocks of a level
+      axes = ("layers",) + tuple(axes)
+    return mesh_lib.logical_sharding(variable.shape, axes, mesh)
+
+  state = nnx.state(abstract_model, nnx.Param)
+  return nnx.to_pure_dict(jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _mirror_shardings(tree, param_shardings, params, mesh):
+  """Shardings for a tree whose leaves mirror parameters (optimizer moments): matched by the
+  tail of their path and their shape; anything else (counts, scalars) is replicated."""
+  by_path = {}
+  for path, s in jax.tree_util.tree_leaves_with_path(param_shardings):
+    by_path[tuple(str(k) for k in path)] = s
+  shapes = {tuple(str(k) for k in p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def sharding(path, leaf):
+    keys = tuple(str(k) for k in path)
+    for start in range(len(keys)):
+      tail = keys[start:]
+      if tail in by_path and shapes[tail] == leaf.shape:
+        return by_path[tail]
+    return mesh_lib.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+@dataclasses.dataclass
+class Steps:
+  graphdef: nnx.GraphDef
+  abstract_state: dict      # ShapeDtypeStructs carrying their shardings
+  state_shardings: dict
+  batch_sharding: jax.sharding.NamedSharding
+  init: callable            # () -> state, sharded from the start
+  train: callable           # (state, batch) -> (state, metrics); state donated
+  eval: callable            # (params, batch) -> (loss_sum, token_count)
+  mesh: jax.sharding.Mesh
+
+
+def build(model_cfg, config, mesh) -> Steps:
+  tx = optim.make(config)
+  lr_schedule = optim.schedule(config.train)
+  seed = config.train.seed
+
+  def create_state():
+    params = nnx.to_pure_dict(nnx.state(model_lib.create(model_cfg, seed), nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract_model = nnx.eval_shape(lambda: model_lib.create(model_cfg, seed))
+  graphdef = nnx.graphdef(abstract_model)
+  abstract = jax.eval_shape(create_state)
+  param_sh = _param_shardings(abstract_model, mesh)
+  shardings = {"step": mesh_lib.replicated(mesh), "params": param_sh,
+               "opt_state": _mirror_shardings(abstract["opt_state"], param_sh, abstract["params"], mesh)}
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  batch_sh = mesh_lib.batch_sharding(mesh)
+
+  def loss_fn(params, batch):
+    loss_sum, count = nnx.merge(graphdef, params).loss_sums(batch)
+    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
+
+  def train_step(state, batch):
+    (loss, (_, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+               "train/tokens": count, "train/lr": lr_schedule(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def eval_step(params, batch):
+    return nnx.merge(graphdef, params).loss_sums(batch)
+
+  replicated = mesh_lib.replicated(mesh)
+  return Steps(
+      graphdef=graphdef, abstract_state=abstract, state_shardings=shardings,
+      batch_sharding=batch_sh, mesh=mesh,
+      init=jax.jit(create_state, out_shardings=shardings),
+      train=jax.jit(train_step, in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, replicated), donate_argnums=0),
+      eval=jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh),
+                   out_shardings=replicated))
+
+
+def abstract_batch(batch_size, seq_len, sharding):
+  return {f: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding)
+          for f in FIELDS}
+
+
+def device_batch(batch_np, sharding):
+  """Host numpy batch (the global batch, identical on every process) -> sharded global arrays."""
+  return {f: jax.make_array_from_callback(v.shape, sharding, functools.partial(v.__getitem__))
+          for f, v in batch_np.items()}

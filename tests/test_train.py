@@ -1,0 +1,163 @@
+"""Training: overfits a fixed batch, stop + resume is exact, losses do not depend on the mesh,
+dry run reports memory, and each bad input stops at start with a clear message."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lcjax import config as config_lib
+from lcjax import data as data_lib
+from lcjax import mesh as mesh_lib
+from lcjax import step as step_lib
+from lcjax.model import ModelConfig
+from lcjax.train import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**mesh):
+  c = config_lib.base_config()
+  c.train.update(steps=6, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3,
+                 eval_batches=1, log_every=1, sample_prompt="", peak_flops=1e9)
+  c.checkpoint.update(every=3, keep=5)
+  c.mesh.update(data=2, fsdp=4, **mesh) if mesh else c.mesh.update(data=2, fsdp=4)
+  c.model.update(num_layers=2, num_levels=1, embed_dim=32, num_heads=4, num_kv_heads=2,
+                 head_dim=8, mlp_dim=64)
+  c.data.max_documents = 30
+  return c
+
+
+def _losses(workdir):
+  records = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_overfits_a_fixed_batch():
+  c = tiny_config()
+  c.train.update(steps=80, lr=1e-2, warmup_steps=5)
+  c = config_lib.validate(c)
+  mesh = mesh_lib.make_mesh(c.mesh)
+  ds = data_lib.build(c.data, c.train.seq_len, c.train.seed)
+  model_cfg = ModelConfig.from_config(c.model, ds.tokenizer.vocab_size)
+  with jax.set_mesh(mesh):
+    steps = step_lib.build(model_cfg, c, mesh)
+    state = steps.init()
+    batch = step_lib.device_batch(ds.train_batch(0, 8), steps.batch_sharding)
+    losses = []
+    for _ in range(80):
+      state, m = steps.train(state, batch)
+      losses.append(float(m["train/loss"]))
+  assert losses[0] > 5.0  # about log(384) at init
+  assert losses[-1] < 0.35 * losses[0], losses[::10]
+
+
+def test_stop_and_resume_logs_identical_losses(tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_and_evaluate(tiny_config(), straight)
+  # The same run, killed during its second evaluation (step 6): its last checkpoint is step 3.
+  from lcjax import train as train_lib
+  original = train_lib.evaluate
+
+  def crash_after_first_checkpoint(*args, **kwargs):
+    if crash_after_first_checkpoint.calls == 1:
+      raise KeyboardInterrupt
+    crash_after_first_checkpoint.calls += 1
+    return original(*args, **kwargs)
+
+  crash_after_first_checkpoint.calls = 0
+  train_lib.evaluate = crash_after_first_checkpoint
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train_and_evaluate(tiny_config(), resumed)
+  finally:
+    train_lib.evaluate = original
+  assert max(_losses(resumed)) >= 3
+  result = train_and_evaluate(tiny_config(), resumed)
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  assert a == b  # bitwise: same data, same program, same state
+  assert np.isfinite(result["eval/loss"])
+
+
+def test_losses_do_not_depend_on_the_mesh(tmp_path):
+  a = train_and_evaluate(tiny_config(), tmp_path / "fsdp")  # data 2 x fsdp 4
+  b_config = tiny_config()
+  b_config.mesh.update(data=1, fsdp=2, tensor=4)
+  b = train_and_evaluate(b_config, tmp_path / "tensor")
+  la, lb = _losses(tmp_path / "fsdp"), _losses(tmp_path / "tensor")
+  np.testing.assert_allclose([lb[s] for s in sorted(lb)], [la[s] for s in sorted(la)], rtol=2e-5)
+  assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=2e-5)
+
+
+def test_dry_run_reports_compiled_memory(tmp_path):
+  record = train_and_evaluate(tiny_config(), tmp_path, dry_run=True)
+  for key in ("compile/temp_bytes", "compile/argument_bytes", "compile/output_bytes",
+              "model/params", "model/flops_per_step", "optim/state_bytes_device"):
+    assert record[key] > 0, key
+  assert record["optim/state_bytes_host"] == 0
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+  written = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert written["compile/temp_bytes"] == record["compile/temp_bytes"]
+
+
+def _bad(update):
+  c = tiny_config()
+  update(c)
+  return c
+
+
+@pytest.mark.parametrize("update, message", [
+    (lambda c: c.mesh.update(data=3), "multiply to 12 but there are 8 devices"),
+    (lambda c: c.model.update(num_kv_heads=3), r"num_heads \(4\) must be a multiple"),
+    (lambda c: c.train.update(batch_size=6), r"batch_size \(6\) must be a multiple"),
+    (lambda c: c.data.update(source="text", paths="/nonexistent/*.txt"), "matches no file"),
+    (lambda c: c.model.update(vocab_size=100), r"smaller than the tokenizer's vocabulary \(259\)"),
+    (lambda c: c.model.update(remat="sometimes"), "model.remat must be one of"),
+])
+def test_bad_config_values(tmp_path, update, message):
+  with pytest.raises(ValueError, match=message):
+    train_and_evaluate(_bad(update), tmp_path)
+
+
+def test_unknown_key_is_rejected(tmp_path):
+  c = tiny_config()
+  c.model.num_layer = 3  # typo of num_layers
+  with pytest.raises(ValueError, match="unknown config key 'model.num_layer'"):
+    train_and_evaluate(c, tmp_path)
+
+
+def _snapshot(directory):
+  return {p: p.read_bytes() for p in sorted(pathlib.Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_incompatible_and_corrupt_checkpoints_stop_without_overwriting(tmp_path):
+  c = tiny_config()
+  c.train.steps = 3
+  train_and_evaluate(c, tmp_path)
+  before = _snapshot(tmp_path / "checkpoints")
+  changed = tiny_config()
+  changed.model.embed_dim = 64
+  with pytest.raises(ValueError, match="holds a run with model="):
+    train_and_evaluate(changed, tmp_path)
+  assert _snapshot(tmp_path / "checkpoints") == before
+  for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="cannot be restored.*delete that step's directory"):
+    train_and_evaluate(tiny_config(), tmp_path)
+
+
+def test_cli_reports_an_unknown_override_in_one_line(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "lcjax.main", "--config=experiments/tiny_cpu.py",
+       f"--workdir={tmp_path}", "--config.model.num_kv_heads=3"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("lcjax: error:") and "num_kv_heads (3)" in last, proc.stderr[-2000:]
