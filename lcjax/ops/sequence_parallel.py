@@ -1,0 +1,205 @@
+"""`ops.sequence_parallel_attention`: attention over a sequence sharded on (ring, ulysses) mesh axes.
+
+Strategies (USP, arXiv 2405.07719; the mesh has R ring and U Ulysses devices):
+- `usp`: Ulysses all-to-all over `ulysses` (sequence split -> head split), then ring attention
+  over `ring` on the ring chunk, then the all-to-all back. 1xU is pure Ulysses, Rx1 pure ring.
+- `ulysses`: one all-to-all over both axes (R*U-way head split); needs Hq % (R*U) == 0.
+- `ring`: one ring over all R*U devices, ring-major.
+- `allgather`: gather K/V (and their positions/segments) over both axes, attend local queries
+  (Llama 3 context parallelism); wins at short local sequences.
+
+`shard_map` is manual over every mesh axis: the batch keeps its split over replica/data/fsdp
+and heads their split over `tensor` (read from Explicit types, see `batch_axes`), and the body
+works on plain local arrays. A region manual over the sequence axes only is what one would
+write first, but on jax 0.10 the partitioner then gathers the batch inside it and lowers the
+Ulysses all-to-all to all-gathers. Meshes whose axes are Auto or Explicit both work: inputs are
+resharded to the in_specs first where the axis types demand it.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from lcjax.ops import layouts, ulysses
+from lcjax.ops.attention import attention
+from lcjax.ops.ring import RingSpec, ring_attention
+
+STRATEGIES = ("usp", "ulysses", "ring", "allgather")
+BATCH_AXES = ("replica", "data", "fsdp")
+
+
+def _names(entry):
+  """Mesh axis names in one PartitionSpec entry."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def check_sequence_parallel(num_heads: int, num_kv_heads: int, seq_len: int, *, ring_size: int,
+                            ulysses_size: int, strategy: str, layout: str) -> None:
+  """Raises ValueError, naming the numbers and the fix, for an invalid split (config time)."""
+  if strategy not in STRATEGIES + ("auto",):
+    raise ValueError(f"unknown sequence-parallel strategy {strategy!r}; choose one of "
+                     f"{STRATEGIES + ('auto',)}")
+  layouts.check_sequence_split(seq_len, ring_size, ulysses_size, layout)
+  if num_kv_heads < 1 or num_heads % num_kv_heads:
+    raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+  degree = {"usp": ulysses_size, "ulysses": ring_size * ulysses_size}.get(strategy, 1)
+  if degree > 1:
+    ulysses.kv_head_repeats(num_heads, num_kv_heads, degree)
+
+
+def _spec_entry(names):
+  return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
+def _typed_axes(x, dim):
+  """Explicit mesh axes that split dim `dim` of x according to its type (none under Auto)."""
+  spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+  return _names(spec[dim])
+
+
+def _batch_axes(q, mesh, seq_axes, batch_axes):
+  """Mesh axes splitting the batch: given, else q's explicit sharding plus Auto batch axes."""
+  B = q.shape[0]
+  if batch_axes is not None:
+    names = _names(batch_axes)
+    bad = [a for a in names if a not in mesh.axis_names or a in seq_axes]
+    n = math.prod(mesh.shape[a] for a in names if a not in bad)
+    if bad or B % n:
+      raise ValueError(f"batch_axes {names} must be mesh axes outside the sequence axes "
+                       f"{seq_axes} whose sizes divide the batch {B}; got mesh {dict(mesh.shape)}")
+    return names
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  names = [a for a in _typed_axes(q, 0) if a not in seq_axes]
+  n = math.prod(mesh.shape[a] for a in names)
+  for a in BATCH_AXES:  # under Auto the sharding is not visible: assume DESIGN's batch axes
+    if types.get(a) == AxisType.Auto and mesh.shape[a] > 1 and B % (n * mesh.shape[a]) == 0:
+      names.append(a)
+      n *= mesh.shape[a]
+  return tuple(names)
+
+
+def _manual_spec(x, batch, seq_axes, seq_dim):
+  """Full-manual PartitionSpec: batch, sequence, and the explicit head sharding x already has."""
+  spec = [None] * x.ndim
+  spec[0], spec[seq_dim] = _spec_entry(batch), _spec_entry(seq_axes)
+  if x.ndim == 4:
+    spec[2] = _spec_entry(tuple(a for a in _typed_axes(x, 2) if a not in batch + seq_axes))
+  return P(*spec)
+
+
+def _conform(x, mesh, spec):
+  """Reshards x to `spec` on its Explicit axes (Auto axes are shard_map's to move)."""
+  explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+  want = tuple(_spec_entry(tuple(a for a in _names(e) if a in explicit)) for e in spec)
+  have = tuple(_spec_entry(_typed_axes(x, d)) for d in range(x.ndim))
+  if not explicit or want == have:
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
+
+
+def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, return_lse, kw):
+  """The shard_map body: local shards in, local shards out."""
+  seq_axes = tuple(a for a, n in ((ring_axis, R), (ulysses_axis, U)) if n > 1)
+  uly_axes, ring_axes = {"usp": ((ulysses_axis,) if U > 1 else (), (ring_axis,) if R > 1 else ()),
+                         "ulysses": (seq_axes, ()), "ring": ((), seq_axes),
+                         "allgather": ((), ())}[strategy]
+  unzip = U if layout == "zigzag" and uly_axes and ring_axes else 1
+
+  def body(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    if strategy == "allgather":
+      gather = lambda x: None if x is None else jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+      return attention(q, gather(k), gather(v), q_positions=q_pos, kv_positions=gather(kv_pos),
+                       q_segment_ids=q_seg, kv_segment_ids=gather(kv_seg), return_lse=return_lse,
+                       **kw)
+    if uly_axes:
+      degree = 1
+      for a in uly_axes:
+        degree *= R if a == ring_axis else U
+      f = ulysses.kv_head_repeats(q.shape[2], k.shape[2], degree)
+      if f > 1:  # Hkv < degree: repeat each kv head the fewest times that splits evenly
+        k, v = jnp.repeat(k, f, axis=2), jnp.repeat(v, f, axis=2)
+      q, k, v = (layouts.unzip_halves(ulysses.scatter_heads(x, uly_axes), unzip) for x in (q, k, v))
+      q_pos, kv_pos, q_seg, kv_seg = (
+          None if x is None else layouts.unzip_halves(ulysses.gather_sequence(x, uly_axes), unzip)
+          for x in (q_pos, kv_pos, q_seg, kv_seg))
+    if ring_axes:
+      starts, half = layouts.ring_block_starts(seq_len, R, U, layout, ring_over_ulysses=not uly_axes)
+      if layout == "contiguous" or not (kw["causal"] or kw["sliding_window"]):
+        starts, half = starts[:, :1], half * starts.shape[1]  # nothing to skip below a whole chunk
+      spec = RingSpec(axes=ring_axes, starts=tuple(map(tuple, starts.tolist())), half_len=half,
+                      **kw)
+      out, lse = ring_attention(q, k, v, (q_pos, q_seg), (kv_pos, kv_seg), spec)
+    else:
+      out, lse = attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
+                           kv_segment_ids=kv_seg, return_lse=True, **kw)
+    out = ulysses.gather_heads(layouts.zip_halves(out, unzip), uly_axes) if uly_axes else out
+    if not return_lse:
+      return out
+    lse = ulysses.gather_heads_lse(layouts.zip_halves(lse, unzip, axis=2), uly_axes) \
+        if uly_axes else lse
+    return out, lse
+
+  return body, seq_axes
+
+
+def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag",
+                                ring_axis="ring", ulysses_axis="ulysses", causal=False,
+                                q_segment_ids=None, kv_segment_ids=None, q_positions=None,
+                                kv_positions=None, sliding_window=None, softcap=None, scale=None,
+                                return_lse=False, implementation="auto", batch_axes=None):
+  """Attention with the sequence split over the `ring` x `ulysses` mesh axes (DESIGN.md API).
+
+  q [B, S, Hq, D], k, v [B, S, Hkv, D]: global arrays in stored order (`sequence_layout`), the
+  sequence axis sharded over (ring_axis, ulysses_axis); the batch may be sharded over other axes.
+  Positions default to the layout's global positions; pass them explicitly when they differ
+  (e.g. restarting per document, with segment ids). Returns out like q (and lse [B, Hq, S]).
+  `batch_axes`: mesh axes splitting the batch; by default read from q's Explicit sharding, and
+  under Auto axes assumed to be those of ("replica", "data", "fsdp") in the mesh that divide B.
+  """
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"expected q [B, S, Hq, D] and k, v [B, S, Hkv, D]; got {q.shape}, "
+                     f"{k.shape}, {v.shape}")
+  B, S, H, _ = q.shape
+  if k.shape[:2] != (B, S):
+    raise ValueError(f"sequence_parallel_attention is self-attention over one sharded sequence: "
+                     f"q and k/v must share batch and length; got q {q.shape}, k {k.shape}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+  if (q_positions is None) != (kv_positions is None):
+    raise ValueError("pass both q_positions and kv_positions, or neither")
+  for name, x in (("q_positions", q_positions), ("kv_positions", kv_positions),
+                  ("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+    if x is not None and x.shape != (B, S):
+      raise ValueError(f"{name} must have shape (B, S) = {(B, S)}; got {x.shape}")
+  R, U = mesh.shape.get(ring_axis, 1), mesh.shape.get(ulysses_axis, 1)
+  if strategy == "auto":
+    from lcjax.ops import cost_model  # noqa: PLC0415  (cost model is optional at import)
+    strategy = cost_model.choose_strategy(
+        cost_model.AttentionShape(batch=B, seq_len=S, num_heads=H, num_kv_heads=k.shape[2],
+                                  head_dim=q.shape[3], bytes_per_element=q.dtype.itemsize,
+                                  causal=causal),
+        ring_size=R, ulysses_size=U).strategy
+  check_sequence_parallel(H, k.shape[2], S, ring_size=R, ulysses_size=U, strategy=strategy,
+                          layout=layout)
+  kw = dict(causal=causal, sliding_window=sliding_window, softcap=softcap, scale=scale,
+            implementation=implementation)
+  if q_positions is None:
+    perm = jnp.asarray(layouts.sequence_layout(S, R, U, layout))
+    q_positions = kv_positions = jnp.broadcast_to(perm, (B, S))
+  if R * U == 1:
+    return attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                     return_lse=return_lse, **kw)
+  body, seq_axes = _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, S,
+                                    return_lse, kw)
+  batch = _batch_axes(q, mesh, seq_axes, batch_axes)
+  args = [q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids]
+  in_specs = tuple(P() if x is None else _manual_spec(x, batch, seq_axes, 1) for x in args)
+  args = [None if x is None else _conform(x, mesh, spec) for x, spec in zip(args, in_specs)]
+  out_spec = in_specs[0]
+  lse_spec = P(out_spec[0], out_spec[2], out_spec[1])
+  # manual over every mesh axis: the body sees plain local arrays, whatever the axis types
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                     out_specs=(out_spec, lse_spec) if return_lse else out_spec)
+  return fn(*args)
