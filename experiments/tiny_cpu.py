@@ -13,15 +13,15 @@ from lcjax.config import base_config
 
 def get_config():
   c = base_config()
-  c.train.steps = 600
-  c.train.batch_size = 16
+  c.train.steps = 500
+  c.train.batch_size = 8
   c.train.seq_len = 256
   c.train.lr = 3e-3
   c.train.warmup_steps = 50
-  c.train.eval_every = 200
+  c.train.eval_every = 250
   c.train.eval_batches = 16
   c.train.log_every = 20
-  c.checkpoint.every = 200
+  c.checkpoint.every = 100
   c.mesh.data = 2
   c.mesh.fsdp = 4
   c.model.num_layers = 4

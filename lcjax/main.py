@@ -21,6 +21,10 @@ def main(argv):
   except ValueError as e:
     raise SystemExit(f"lcjax: error: {e}")
   print(json.dumps(result, indent=1, sort_keys=True))
+  if "eval/loss" in result:
+    loss, unigram = result["eval/loss"], result["data/unigram_entropy"]
+    print(f"[lcjax] held-out loss {loss:.3f} nats/token vs unigram entropy {unigram:.3f} of the "
+          f"corpus: {100 * (1 - loss / unigram):.0f}% below")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
                                context=config.train.seq_len, seed=config.train.seed)
     (workdir / "sample.txt").write_text(text)
   result.pop("params", None)
+  result["data/unigram_entropy"] = datasets.unigram_entropy()
   return result
 
 
