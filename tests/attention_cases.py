@@ -7,9 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.ops.blockwise import blockwise_attention
+from lcjax.ops.pallas_attention import pallas_attention
 from lcjax.ops.reference import reference_attention
 
 NO_KEY_SEGMENT = 99  # a query segment id that no key carries: those rows are empty
+# Tests compile many small programs: skip LLVM's expensive passes (halves compile time on CPU).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +73,7 @@ def value_and_grads(attend, q, k, v):
     return total, (out, lse)
 
   grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
-  grads, (out, lse) = grad_fn(q, k, v)
+  grads, (out, lse) = grad_fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
   return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
@@ -141,3 +145,14 @@ def semantic_cases():
   cases.append(Case(Tq=130, Tk=130, segments=True, shuffled_segments=True, causal=True))
   cases.append(Case(Tq=77, Tk=130, causal=True, q_offset=-200))  # every row empty
   return cases
+
+
+def blocked(implementation, block_sizes=None, interpret=True):
+  """attend(q, k, v, kw) for the module function behind "xla" or "pallas", with given blocks."""
+  def attend(q, k, v, kw):
+    kw = {"q_segment_ids": None, "kv_segment_ids": None, **kw}
+    kw["scale"] = q.shape[-1] ** -0.5 if kw["scale"] is None else kw["scale"]
+    if implementation == "xla":
+      return blockwise_attention(q, k, v, block_sizes=block_sizes, **kw)
+    return pallas_attention(q, k, v, interpret=interpret, block_sizes=block_sizes, **kw)
+  return attend

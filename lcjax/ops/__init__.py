@@ -6,3 +6,7 @@ L layers, R replicas, P paths. `q_BTHD` is a query array of shape [B, T, H, D].
 """
 from lcjax.ops.attention import attention, IMPLEMENTATIONS
 from lcjax.ops.reference import reference_attention
+from lcjax.ops.attention import resolve_implementation
+from lcjax.ops.blockwise import blockwise_attention
+from lcjax.ops.pallas_attention import pallas_attention
+from lcjax.ops.tiles import BlockSizes

@@ -1,14 +1,17 @@
 """`ops.attention`: the one local attention entry point; validates, fills defaults, dispatches."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lcjax.ops.blockwise import blockwise_attention
+from lcjax.ops.pallas_attention import pallas_attention
 from lcjax.ops.reference import reference_attention
 
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
 
 
 def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                    sliding_window, softcap):
+                    sliding_window, softcap, scale):
   """Raises ValueError on inputs a user can get wrong; returns filled positions/segments."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"attention expects q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]; got shapes "
@@ -29,11 +32,17 @@ def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posi
     raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f"sliding_window must be >= 1 (or None for no window); got {sliding_window}")
-  if softcap is not None and softcap <= 0:
-    raise ValueError(f"softcap must be > 0 (or None); got {softcap}")
+  if sliding_window is not None and (not isinstance(sliding_window, (int, np.integer))
+                                     or sliding_window < 1):
+    raise ValueError(f"sliding_window must be a Python int >= 1 (or None for no window); "
+                     f"got {sliding_window!r}")
+  if softcap is not None and not (isinstance(softcap, (int, float, np.number)) and softcap > 0):
+    raise ValueError(f"softcap must be a Python number > 0 (or None); got {softcap!r}")
+  if scale is not None and not isinstance(scale, (int, float, np.number)):
+    raise ValueError(f"scale must be a Python number (or None for D ** -0.5); got {scale!r}")
   Tk = k.shape[1]
+  if Tq == 0 or Tk == 0:
+    raise ValueError(f"attention needs at least one query and one key; got Tq={Tq}, Tk={Tk}")
   if q_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32), (B, Tq))
   if kv_positions is None:
@@ -42,7 +51,26 @@ def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posi
                      ("q_segment_ids", q_segment_ids, Tq), ("kv_segment_ids", kv_segment_ids, Tk)):
     if x is not None and x.shape != (B, T):
       raise ValueError(f"{name} must have shape (B, T) = {(B, T)}; got {x.shape}")
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must have an integer dtype; got {x.dtype}")
   return q_positions, kv_positions
+
+
+def resolve_implementation(implementation: str) -> str:
+  """"auto" and "pallas" -> what runs on this backend: "reference" | "xla" | "pallas" | "pallas_interpret".
+
+  "auto" takes the fastest tested path: the Pallas kernel on TPU, blockwise XLA elsewhere
+  (no GPU kernel is tested yet). "pallas" is the TPU kernel, in interpret mode on CPU.
+  """
+  backend = jax.default_backend()
+  if implementation == "auto":
+    return "pallas" if backend == "tpu" else "xla"
+  if implementation == "pallas" and backend != "tpu":
+    if backend != "cpu":
+      raise ValueError(f"implementation='pallas' has no tested kernel for backend {backend!r}; "
+                       f"use 'xla', or 'pallas_interpret' to run the TPU kernel interpreted")
+    return "pallas_interpret"
+  return implementation
 
 
 def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
@@ -56,8 +84,17 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
     raise ValueError(f"unknown attention implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}")
   q_positions, kv_positions = _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids,
-                                              q_positions, kv_positions, sliding_window, softcap)
-  return reference_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
-                             kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-                             kv_positions=kv_positions, sliding_window=sliding_window,
-                             softcap=softcap, scale=scale, return_lse=return_lse)
+                                              q_positions, kv_positions, sliding_window, softcap,
+                                              scale)
+  kwargs = dict(causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window,
+                softcap=None if softcap is None else float(softcap),
+                scale=q.shape[-1] ** -0.5 if scale is None else float(scale))
+  implementation = resolve_implementation(implementation)
+  if implementation == "reference":
+    return reference_attention(q, k, v, return_lse=return_lse, **kwargs)
+  if implementation == "xla":
+    out, lse = blockwise_attention(q, k, v, **kwargs)
+  else:
+    out, lse = pallas_attention(q, k, v, interpret=implementation == "pallas_interpret", **kwargs)
+  return (out, lse) if return_lse else out
