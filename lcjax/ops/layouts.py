@@ -34,9 +34,10 @@ def check_sequence_split(seq_len: int, ring_size: int, ulysses_size: int, layout
     what = f"2 * ring * ulysses = 2 * {ring_size} * {ulysses_size}" if layout == "zigzag" else \
            f"ring * ulysses = {ring_size} * {ulysses_size}"
     lower, upper = seq_len // need * need, (seq_len // need + 1) * need
+    fix = f"{lower} or {upper}" if lower else f"{upper}"
     raise ValueError(
         f"sequence length {seq_len} must be divisible by {what} = {need} for the {layout} "
-        f"layout; use seq_len {lower or upper} or {upper}, or change mesh.ring / mesh.ulysses")
+        f"layout; use seq_len {fix}, or change mesh.ring / mesh.ulysses")
 
 
 def sequence_layout(seq_len: int, ring_size: int, ulysses_size: int = 1,

@@ -8,12 +8,15 @@ Strategies (USP, arXiv 2405.07719; the mesh has R ring and U Ulysses devices):
 - `allgather`: gather K/V (and their positions/segments) over both axes, attend local queries
   (Llama 3 context parallelism); wins at short local sequences.
 
-`shard_map` is manual over every mesh axis: the batch keeps its split over replica/data/fsdp
-and heads their split over `tensor` (read from Explicit types, see `batch_axes`), and the body
-works on plain local arrays. A region manual over the sequence axes only is what one would
-write first, but on jax 0.10 the partitioner then gathers the batch inside it and lowers the
-Ulysses all-to-all to all-gathers. Meshes whose axes are Auto or Explicit both work: inputs are
-resharded to the in_specs first where the axis types demand it.
+`shard_map` is manual over every mesh axis that splits the inputs: the sequence axes, the
+batch axes (replica/data/fsdp, see `batch_axes`) and head axes that Explicit types show
+(`tensor`); the body works on plain local arrays and is replicated over the remaining axes. A
+region manual over the sequence axes only is what one would write first, but on jax 0.10 the
+partitioner then gathers the batch inside it and lowers the Ulysses all-to-all to all-gathers.
+`check_vma` is off so that any local implementation runs inside (not every kernel types its
+values as varying over manual axes); leaving out the axes nothing is split over keeps that from
+adding all-reduces to the backward pass. Meshes whose axes are Auto or Explicit both work:
+inputs are resharded to the in_specs first where the axis types demand it.
 """
 import math
 
@@ -191,15 +194,17 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
     return attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                      return_lse=return_lse, **kw)
-  body, seq_axes = _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, S,
-                                    return_lse, kw)
+  body, _ = _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, S, return_lse, kw)
+  # specs name every sequence axis of the mesh, size 1 or not, so the output's sharding type
+  # is the input's; the collectives run over the axes of size > 1 only
+  seq_axes = tuple(a for a in (ring_axis, ulysses_axis) if a in mesh.axis_names)
   batch = _batch_axes(q, mesh, seq_axes, batch_axes)
   args = [q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids]
   in_specs = tuple(P() if x is None else _manual_spec(x, batch, seq_axes, 1) for x in args)
   args = [None if x is None else _conform(x, mesh, spec) for x, spec in zip(args, in_specs)]
   out_spec = in_specs[0]
   lse_spec = P(out_spec[0], out_spec[2], out_spec[1])
-  # manual over every mesh axis: the body sees plain local arrays, whatever the axis types
-  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+  manual = {a for spec in in_specs for entry in spec for a in _names(entry)}
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, axis_names=manual, check_vma=False,
                      out_specs=(out_spec, lse_spec) if return_lse else out_spec)
   return fn(*args)
