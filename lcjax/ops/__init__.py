@@ -10,3 +10,6 @@ from lcjax.ops.attention import resolve_implementation
 from lcjax.ops.blockwise import blockwise_attention
 from lcjax.ops.pallas_attention import pallas_attention
 from lcjax.ops.tiles import BlockSizes
+from lcjax.ops.layouts import sequence_layout, inverse_layout
+from lcjax.ops.sequence_parallel import sequence_parallel_attention, check_sequence_parallel
+from lcjax.ops import cost_model
