@@ -52,3 +52,10 @@ def test_plan_skips_and_reuses_blocks():
   plan = np.asarray(tiles.fetch_plan(status[None], axis=2)[0])
   np.testing.assert_array_equal(plan % 4, expected)
   np.testing.assert_array_equal(plan // 4, np.minimum(np.arange(4), np.arange(4)[:, None]))
+
+
+def test_block_sizes():
+  assert tiles.BlockSizes(512, 512).fit(77, 1000) == tiles.BlockSizes(80, 512)
+  assert tiles.BlockSizes.default("pallas", "tpu").block_kv % 128 == 0
+  with pytest.raises(ValueError, match="block sizes must be >= 1"):
+    tiles.BlockSizes(0, 128)

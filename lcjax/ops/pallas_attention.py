@@ -108,6 +108,6 @@ def pallas_attention(q_BTHD, k_BTKD, v_BTKD, *, q_positions, kv_positions, q_seg
   q_plan = tiles.fetch_plan(status.transpose(0, 2, 1), axis=2).reshape(-1)
   q = tiles.pad_seq(q_BTHD.transpose(0, 2, 1, 3), lay.nq * bq, 2)
   k, v = (tiles.pad_seq(x.transpose(0, 2, 1, 3), lay.nk * bk, 2) for x in (k_BTKD, v_BTKD))
-  out, lse = _flash(spec, lay, interpret, q, k, v, pc.id_arrays(lay, qpos, kpos, qseg, kseg),
+  out, lse = _flash(spec, lay, interpret, q, k, v, pc.id_arrays(qpos, kpos, qseg, kseg),
                     kv_plan, q_plan)
   return out[:, :, :Tq].transpose(0, 2, 1, 3), lse[:, :, :Tq]

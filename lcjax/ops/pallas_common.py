@@ -61,7 +61,7 @@ class Specs:
     return self.ids * (2 if segments else 1)
 
 
-def id_arrays(lay: Layout, qpos, kpos, qseg, kseg):
+def id_arrays(qpos, kpos, qseg, kseg):
   """Positions (and segment ids) [B, T] padded -> the lane/sublane-broadcast kernel operands."""
   def q_side(x):
     return jnp.broadcast_to(x[:, :, None], x.shape + (LANES,))
