@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lcjax.ops import layouts, ulysses
+from lcjax.ops import cost_model, layouts, ulysses
 from lcjax.ops.attention import attention
 from lcjax.ops.ring import RingSpec, ring_attention
 
@@ -111,7 +111,8 @@ def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, r
 
   def body(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     if strategy == "allgather":
-      gather = lambda x: None if x is None else jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+      gather = lambda x: x if x is None or not seq_axes else jax.lax.all_gather(
+          x, seq_axes, axis=1, tiled=True)
       return attention(q, gather(k), gather(v), q_positions=q_pos, kv_positions=gather(kv_pos),
                        q_segment_ids=q_seg, kv_segment_ids=gather(kv_seg), return_lse=return_lse,
                        **kw)
@@ -143,7 +144,7 @@ def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, r
         if uly_axes else lse
     return out, lse
 
-  return body, seq_axes
+  return body
 
 
 def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag",
@@ -159,6 +160,7 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
   (e.g. restarting per document, with segment ids). Returns out like q (and lse [B, Hq, S]).
   `batch_axes`: mesh axes splitting the batch; by default read from q's Explicit sharding, and
   under Auto axes assumed to be those of ("replica", "data", "fsdp") in the mesh that divide B.
+  `strategy="auto"` asks `cost_model.choose_strategy` (H100 topology) for this mesh and shape.
   """
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"expected q [B, S, Hq, D] and k, v [B, S, Hkv, D]; got {q.shape}, "
@@ -177,7 +179,6 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
       raise ValueError(f"{name} must have shape (B, S) = {(B, S)}; got {x.shape}")
   R, U = mesh.shape.get(ring_axis, 1), mesh.shape.get(ulysses_axis, 1)
   if strategy == "auto":
-    from lcjax.ops import cost_model  # noqa: PLC0415  (cost model is optional at import)
     strategy = cost_model.choose_strategy(
         cost_model.AttentionShape(batch=B, seq_len=S, num_heads=H, num_kv_heads=k.shape[2],
                                   head_dim=q.shape[3], bytes_per_element=q.dtype.itemsize,
@@ -190,11 +191,7 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
   if q_positions is None:
     perm = jnp.asarray(layouts.sequence_layout(S, R, U, layout))
     q_positions = kv_positions = jnp.broadcast_to(perm, (B, S))
-  if R * U == 1:
-    return attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
-                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                     return_lse=return_lse, **kw)
-  body, _ = _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, S, return_lse, kw)
+  body = _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, S, return_lse, kw)
   # specs name every sequence axis of the mesh, size 1 or not, so the output's sharding type
   # is the input's; the collectives run over the axes of size > 1 only
   seq_axes = tuple(a for a in (ring_axis, ulysses_axis) if a in mesh.axis_names)
@@ -205,6 +202,8 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
   out_spec = in_specs[0]
   lse_spec = P(out_spec[0], out_spec[2], out_spec[1])
   manual = {a for spec in in_specs for entry in spec for a in _names(entry)}
+  if not manual:  # nothing is split: no shard_map (an empty axis_names would mean every axis)
+    return body(*args)
   fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, axis_names=manual, check_vma=False,
                      out_specs=(out_spec, lse_spec) if return_lse else out_spec)
   return fn(*args)
