@@ -20,19 +20,22 @@ def _seq_by_seq_shapes(hlo_text, T):
 
 @pytest.mark.parametrize("implementation", ["xla", "reference"])
 def test_no_sequence_by_sequence_tensor(implementation):
-  """Compiled forward + backward of a 16K sequence: xla holds O(T) memory, the reference O(T^2)."""
-  B, T, H, K, D = 1, 16384, 2, 1, 16
+  """Compiled forward + backward at 16K (GQA, causal, documents, window): xla holds O(T) memory,
+  the reference the [Tq, Tk] scores."""
+  B, T, H, K, D = 1, 16384, 4, 2, 16
   q = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
   kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.float32)
+  seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
-  def fwd_bwd(q, k, v, dout, dlse):
-    f = lambda q, k, v: ops.attention(q, k, v, causal=True, return_lse=True,
+  def fwd_bwd(q, k, v, seg, dout, dlse):
+    f = lambda q, k, v: ops.attention(q, k, v, causal=True, q_segment_ids=seg,
+                                      kv_segment_ids=seg, sliding_window=4096, return_lse=True,
                                       implementation=implementation)
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp((dout, dlse))
 
-  compiled = jax.jit(fwd_bwd).lower(q, kv, kv, q, jax.ShapeDtypeStruct((B, H, T), jnp.float32)
-                                   ).compile()
+  dlse = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
+  compiled = jax.jit(fwd_bwd).lower(q, kv, kv, seg, q, dlse).compile()
   big = _seq_by_seq_shapes(compiled.as_text(), T)
   temp = compiled.memory_analysis().temp_size_in_bytes
   if implementation == "reference":  # the detector does see a dense program
