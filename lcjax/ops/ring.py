@@ -118,8 +118,12 @@ def _rotate(tree, spec: RingSpec):
 # [B, T, 2K, D] and [B, T, m], the backward as [2, B, T, K, D] and [m, B, T]: with the same
 # shapes XLA would merge (CSE) the backward ring's rotations with the forward's and keep every
 # rotated block alive from the forward pass to the backward pass, O(S) memory instead of O(S/r).
+def _ids(meta):
+  return [x.astype(jnp.int32) for x in meta if x is not None]
+
+
 def _pack_fwd(k, v, meta):
-  return jnp.concatenate([k, v], axis=2), jnp.stack([x for x in meta if x is not None], -1)
+  return jnp.concatenate([k, v], axis=2), jnp.stack(_ids(meta), -1)
 
 
 def _unpack_fwd(kv, ids, n):
@@ -129,7 +133,7 @@ def _unpack_fwd(kv, ids, n):
 
 
 def _pack_bwd(k, v, meta):
-  return jnp.stack([k, v]), jnp.stack([x for x in meta if x is not None])
+  return jnp.stack([k, v]), jnp.stack(_ids(meta))
 
 
 def _unpack_bwd(kv, ids, n):
@@ -170,16 +174,16 @@ def _ring_forward(spec: RingSpec, q, k, v, q_meta, kv_meta):
   me = lax.axis_index(spec.axes)
   qs, q_metas = _split(q, n), _split_meta(q_meta, n)
 
+  def attend_and_merge(acc, *args):
+    return _merge(acc, _attend(spec, *args))
+
   def step_fn(step, kv, acc):
     ks, vs, kv_metas = _unpack_fwd(*kv, n)
     acc = list(acc)
     for i, j, ok in _pairs(spec, me, step):
-      args = (qs[i], ks[j], vs[j], q_metas[i], kv_metas[j])
-      if ok is None:
-        part = _attend(spec, *args)
-      else:
-        part = lax.cond(ok, functools.partial(_attend, spec), lambda q, *_: _nothing(q), *args)
-      acc[i] = _merge(acc[i], part)
+      args = (acc[i], qs[i], ks[j], vs[j], q_metas[i], kv_metas[j])
+      acc[i] = attend_and_merge(*args) if ok is None else \
+          lax.cond(ok, attend_and_merge, lambda acc, *_: acc, *args)
     return tuple(acc)
 
   acc = _ring_loop(spec, step_fn, _pack_fwd(k, v, kv_meta), tuple(_nothing(x) for x in qs))
@@ -203,10 +207,6 @@ def _block_grads(spec: RingSpec, q, k, v, q_meta, kv_meta, out, lse, dout, dlse)
   return tuple(g.astype(jnp.float32) for g in vjp((dout_j, dlse_j)))
 
 
-def _no_grads(q, k, v, *_):
-  return tuple(jnp.zeros_like(x, dtype=jnp.float32) for x in (q, k, v))
-
-
 def _ring_backward(spec: RingSpec, res, cotangents):
   q, k, v, q_meta, kv_meta, out, lse = res
   dout, dlse = cotangents
@@ -215,20 +215,21 @@ def _ring_backward(spec: RingSpec, res, cotangents):
   qs, q_metas = _split(q, n), _split_meta(q_meta, n)
   outs, lses = _split(out.astype(jnp.float32), n), _split(lse, n, axis=2)
   douts, dlses = _split(dout, n), _split(dlse.astype(jnp.float32), n, axis=2)
-  grads = functools.partial(_block_grads, spec)
+
+  def grads_and_add(acc, *args):
+    return tuple(a + g for a, g in zip(acc, _block_grads(spec, *args)))
 
   def step_fn(step, kv, carry):
     dq, dkv = carry
     ks, vs, kv_metas = _unpack_bwd(*kv, n)
-    dq, dk, dv = list(dq), [None] * n, [None] * n
+    dq, dk, dv = list(dq), _split(dkv[0], n), _split(dkv[1], n)
     for i, j, ok in _pairs(spec, me, step):
-      args = (qs[i], ks[j], vs[j], q_metas[i], kv_metas[j], outs[i], lses[i], douts[i], dlses[i])
-      g = grads(*args) if ok is None else lax.cond(ok, grads, _no_grads, *args)
-      dq[i] = dq[i] + g[0]
-      dk[j] = g[1] if dk[j] is None else dk[j] + g[1]
-      dv[j] = g[2] if dv[j] is None else dv[j] + g[2]
+      args = ((dq[i], dk[j], dv[j]), qs[i], ks[j], vs[j], q_metas[i], kv_metas[j], outs[i],
+              lses[i], douts[i], dlses[i])
+      dq[i], dk[j], dv[j] = grads_and_add(*args) if ok is None else \
+          lax.cond(ok, grads_and_add, lambda acc, *_: acc, *args)
     # the gradients of the block held this step travel on with it; after `size` hops they are home
-    dkv = dkv + jnp.stack([jnp.concatenate(dk, 1), jnp.concatenate(dv, 1)])
+    dkv = jnp.stack([jnp.concatenate(dk, 1), jnp.concatenate(dv, 1)])
     return tuple(dq), _rotate(dkv, spec)
 
   dq0 = tuple(jnp.zeros_like(x, dtype=jnp.float32) for x in qs)
