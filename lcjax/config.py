@@ -6,7 +6,7 @@ at start, naming the offending key and value and the fix.
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
 MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
 
 
@@ -59,9 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # compute dtype (params stay float32): float32 | bfloat16
   c.model.attention = "auto"      # ops.attention implementation: auto | reference | xla | pallas
   c.model.sliding_window = 0      # attend to the last N positions only; 0 = unlimited
-  c.model.remat = "none"          # per-block rematerialisation: none | full | dots
+  c.model.remat = "none"          # per-block remat: none | full | dots (keep matmul outputs) |
+                                  # offload (block inputs to host memory, all else recomputed)
   c.model.mlp_chunks = 1          # MsT mini-sequences for the MLP (1 = off)
   c.model.loss_chunks = 1         # MsT mini-sequences for LM head + loss (1 = off)
+  c.model.z_loss = 0.0            # z-loss weight (log of the softmax normaliser, squared); 0 = off
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"          # adamw | sgd
@@ -128,9 +130,10 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(m.remat in REMAT_POLICIES,
            f"model.remat must be one of {REMAT_POLICIES}; got {m.remat!r}")
   _require(m.sliding_window >= 0, f"model.sliding_window must be >= 0; got {m.sliding_window}")
-  _require(m.mlp_chunks <= t.seq_len and m.loss_chunks <= t.seq_len,
-           f"model.mlp_chunks ({m.mlp_chunks}) and model.loss_chunks ({m.loss_chunks}) cannot "
-           f"exceed train.seq_len ({t.seq_len})")
+  for key in ("mlp_chunks", "loss_chunks"):
+    _require(m[key] <= t.seq_len, f"model.{key} ({m[key]}) exceeds the {t.seq_len} tokens of a "
+             f"sequence (train.seq_len); use at most {t.seq_len}")
+  _require(m.z_loss >= 0, f"model.z_loss must be >= 0; got {m.z_loss}")
   _require(o.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd; got {o.name!r}")
   _require(o.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = off); got {o.clip_norm}")
   _require(d.source in ("stdlib", "text", "jsonl"),

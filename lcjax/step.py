@@ -82,11 +82,12 @@ def build(model_cfg, config, mesh) -> Steps:
   batch_sh = mesh_lib.batch_sharding(mesh)
 
   def loss_fn(params, batch):
-    loss_sum, count = nnx.merge(graphdef, params).loss_sums(batch)
-    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
+    objective, cross_entropy, count = nnx.merge(graphdef, params).loss_sums(batch)
+    count = jnp.maximum(count, 1.0)
+    return objective / count, (cross_entropy / count, count)
 
   def train_step(state, batch):
-    (loss, (_, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
@@ -94,7 +95,8 @@ def build(model_cfg, config, mesh) -> Steps:
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def eval_step(params, batch):
-    return nnx.merge(graphdef, params).loss_sums(batch)
+    _, cross_entropy, count = nnx.merge(graphdef, params).loss_sums(batch)
+    return cross_entropy, count
 
   replicated = mesh_lib.replicated(mesh)
   return Steps(

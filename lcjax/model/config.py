@@ -27,6 +27,7 @@ class ModelConfig:
   remat: str = "none"
   mlp_chunks: int = 1
   loss_chunks: int = 1
+  z_loss: float = 0.0                # weight of log(Z)^2 in the objective; 0 = off
 
   @property
   def compute_dtype(self):

@@ -7,16 +7,23 @@ swapping one stacked parameter tree.
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lcjax import mesh as mesh_lib
 from lcjax.model.attention import Attention
 from lcjax.model.config import ModelConfig
 from lcjax.model.layers import Embed, Mlp, RMSNorm, _init
-from lcjax.model.loss import next_token_loss_sums
+from lcjax.model import mst
+
+LAYER_INPUT = "layer_input"
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Block inputs (the only thing `full` keeps) go to host memory; the rest is recomputed.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -26,10 +33,14 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
     self.mlp = Mlp(cfg, rngs)
+    self.mlp_chunks = cfg.mlp_chunks
 
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    # Pin the scan carry's layout at entry too: otherwise its cotangent inherits the fsdp
+    # sharding of the weights and XLA regathers it in every backward step.
+    x_BTE = checkpoint_name(mesh_lib.constrain(x_BTE, ("batch", "seq", "act_embed")), LAYER_INPUT)
     x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), positions_BT, segment_ids_BT)
-    x_BTE = x_BTE + self.mlp(self.mlp_norm(x_BTE))
+    x_BTE = x_BTE + mst.chunked_mlp(lambda x: self.mlp(self.mlp_norm(x)), x_BTE, self.mlp_chunks)
     return mesh_lib.constrain(x_BTE, ("batch", "seq", "act_embed"))
 
 
@@ -86,7 +97,8 @@ class Transformer(nnx.Module):
     return h_BTE.astype(jnp.float32) @ self.head_weight_EV()
 
   def loss_sums(self, batch):
-    """(sum of next-token cross-entropy over loss-masked tokens, their count), both float32."""
+    """(objective sum, cross-entropy sum, token count) over loss-masked tokens, float32;
+    the objective adds the z-loss. See mst.loss_sums."""
     h_BTE = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return next_token_loss_sums(h_BTE, self.head_weight_EV(), batch["targets"],
-                                batch["loss_mask"])
+    return mst.loss_sums(h_BTE, self.head_weight_EV(), batch["targets"], batch["loss_mask"],
+                         num_chunks=self.cfg.loss_chunks, z_loss=self.cfg.z_loss)

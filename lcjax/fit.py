@@ -1,0 +1,131 @@
+"""Fit finder: the compiled memory of a training step, and the longest sequence that fits a budget.
+
+Everything is compiled ahead of time from abstract inputs (`jax.ShapeDtypeStruct`), so real model
+shapes are planned on a CPU with fake devices and nothing is allocated. Per-device memory of a
+step = arguments + temporaries + outputs - outputs aliased to donated arguments.
+"""
+import dataclasses
+import math
+
+import jax
+
+from lcjax import config as config_lib
+from lcjax import mesh as mesh_lib
+from lcjax import step as step_lib
+from lcjax.data.tokenizers import make_tokenizer
+from lcjax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  seq_len: int
+  argument: int
+  temp: int
+  output: int
+  alias: int
+  host_temp: int
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.temp + self.output - self.alias
+
+
+def mst_chunks(model_config) -> dict:
+  """MsT chunk counts sized so one chunk's [C, F] hidden or [C, V] logits is no larger than a
+  layer's [T, E] input: mlp_chunks = ceil(F / E), loss_chunks = ceil(V / E)."""
+  E = model_config.embed_dim
+  return {"mlp_chunks": -(-model_config.mlp_dim // E),
+          "loss_chunks": -(-(model_config.vocab_size or 256) // E)}
+
+
+def step_memory(config, seq_len: int, devices=None) -> StepMemory:
+  """Compiled per-device memory of the training step of `config` at `seq_len` tokens."""
+  config = config_lib.validate(_with(config, {"train.seq_len": seq_len}))
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  tokenizer = make_tokenizer(config.data)
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  with jax.set_mesh(mesh):
+    steps = step_lib.build(model_cfg, config, mesh)
+    batch = step_lib.abstract_batch(config.train.batch_size, seq_len, steps.batch_sharding)
+    mem = steps.train.lower(steps.abstract_state, batch).compile().memory_analysis()
+  return StepMemory(seq_len, mem.argument_size_in_bytes, mem.temp_size_in_bytes,
+                    mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.host_temp_size_in_bytes)
+
+
+def _with(config, overrides: dict):
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  return config
+
+
+def longest_fitting(config, budget_bytes: int, *, granularity: int = 1024,
+                    max_len: int = 1 << 22, on_probe=None, devices=None):
+  """(longest multiple of `granularity` whose step fits `budget_bytes`, its StepMemory), or
+  (0, None) if even `granularity` tokens do not fit.
+
+  Memory grows about linearly in T (attention is O(T)), so after bracketing the answer the
+  search probes where the line through the bracket's ends predicts the last fitting length,
+  and the length after it: two compiles when the line is right, bisection-like otherwise.
+  """
+  probes = {}
+
+  def fits(units):
+    if units not in probes:
+      probes[units] = step_memory(config, units * granularity, devices)
+      if on_probe:
+        on_probe(probes[units])
+    return probes[units].total <= budget_bytes
+
+  def predicted_last_fit(a, b):
+    """Last unit under the budget on the line through a and b (a < b measured)."""
+    ma, mb = probes[a].total, probes[b].total
+    if mb <= ma:
+      return 2 * b
+    return a + math.floor((budget_bytes - ma) * (b - a) / (mb - ma))
+
+  max_units = max_len // granularity
+  if not fits(1):
+    return 0, None
+  lo, hi, prev = 1, None, None
+  while hi is None:  # bracket: grow at least 2x, further where the line says there is room
+    guess = predicted_last_fit(prev, lo) + 1 if prev else 2 * lo
+    nxt = min(max(2 * lo, guess), max_units)
+    if nxt == lo:
+      return lo * granularity, probes[lo]
+    if fits(nxt):
+      prev, lo = lo, nxt
+    else:
+      hi = nxt
+  while hi - lo > 1:
+    guess = min(max(predicted_last_fit(lo, hi), lo + 1), hi - 1)
+    for units in (guess, guess + 1):
+      if lo < units < hi:
+        if fits(units):
+          lo = units
+        else:
+          hi = units
+          break
+  return lo * granularity, probes[lo]
+
+
+def fit_table(config, budget_bytes: int, remat_policies, *, granularity=1024, max_len=1 << 22,
+              on_probe=None) -> list[dict]:
+  """Longest fitting sequence for each (MsT off/on) x remat policy."""
+  rows = []
+  for mst in (False, True):
+    for remat in remat_policies:
+      overrides = {"model.remat": remat}
+      if mst:
+        overrides.update({f"model.{k}": v for k, v in mst_chunks(config.model).items()})
+      else:
+        overrides.update({"model.mlp_chunks": 1, "model.loss_chunks": 1})
+      seq_len, mem = longest_fitting(_with(config, overrides), budget_bytes,
+                                     granularity=granularity, max_len=max_len, on_probe=on_probe)
+      rows.append({"mst": mst, "remat": remat, "seq_len": seq_len,
+                   "memory_gb": mem.total / 2**30 if mem else math.nan,
+                   "mlp_chunks": overrides["model.mlp_chunks"],
+                   "loss_chunks": overrides["model.loss_chunks"]})
+  return rows
