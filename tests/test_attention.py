@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_cases import Case, make_inputs, reference64, rel_err
+from attention_cases import Case, make_inputs, rel_err
 from lcjax import ops
 from lcjax.ops.attention import resolve_implementation
 from lcjax.ops.reference import reference_attention

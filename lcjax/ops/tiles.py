@@ -23,7 +23,6 @@ of positions and segment ids; SKIP and FULL are claimed only when they hold for 
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -185,7 +184,7 @@ def block_status(spec: Spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq: int, bk: in
 
 
 def fetch_plan(status, axis: int):
-  """status * 1 + 4 * (block to load): a skipped block reloads a neighbouring live one, no new DMA.
+  """Plan entries 4 * (block to load) + status; a skipped tile loads a neighbouring live block.
 
   Along `axis`, a skipped block points at the last live block before it, or (when none) the
   first live one after it, so the pipeline sees an unchanged block index and skips the copy.
