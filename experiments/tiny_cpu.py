@@ -6,19 +6,22 @@ checkpoints, resume, a text sample. Command (what `bash scripts/train.sh` runs):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
     python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=runs/tiny_cpu
 
-Measured (2-core CPU machine, 2026-11-22): TIME_AND_RESULT_PLACEHOLDER
+Measured (2026-11-22, `bash scripts/train.sh` on a 2-core, 24 GiB CPU machine that was also
+running other jobs): 514 s wall in all (400 steps of 2048 tokens at about 1 s/step, 3 evals,
+sample). Held-out loss 1.605 nats/token (2.32 bits per byte) against the corpus's unigram
+entropy of 3.205 nats/token: 50% below. Expect a loss near 1.6 and under 10 minutes.
 """
 from lcjax.config import base_config
 
 
 def get_config():
   c = base_config()
-  c.train.steps = 500
+  c.train.steps = 400
   c.train.batch_size = 8
   c.train.seq_len = 256
   c.train.lr = 3e-3
   c.train.warmup_steps = 50
-  c.train.eval_every = 250
+  c.train.eval_every = 200
   c.train.eval_batches = 16
   c.train.log_every = 20
   c.checkpoint.every = 100

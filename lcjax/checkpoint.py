@@ -24,7 +24,7 @@ def _lookup(config_dict, dotted):
 
 class Checkpointer:
   def __init__(self, workdir, config):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     if self.workdir.exists() and not self.workdir.is_dir():
       raise ValueError(f"--workdir={workdir} exists and is not a directory; choose another path")
     self.workdir.mkdir(parents=True, exist_ok=True)

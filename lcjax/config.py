@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.ulysses = 1              # sequence parallel, all-to-all head scatter
   c.mesh.tensor = 1               # tensor parallel over heads and MLP hidden
 
+  c.sp = ml_collections.ConfigDict()   # sequence parallelism, on when mesh.ring * mesh.ulysses > 1
+  c.sp.strategy = "usp"           # usp (Ulysses inside ring) | ulysses | ring | allgather | auto
+  c.sp.layout = "zigzag"          # zigzag (balanced causal work) | contiguous
+
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4          # transformer blocks in total
   c.model.num_levels = 1          # blocks are grouped into levels of num_layers/num_levels blocks
@@ -148,8 +152,10 @@ def validate(config) -> ml_collections.ConfigDict:
   for axis in MESH_AXES:
     _require(full.mesh[axis] >= 1 or (axis == "data" and full.mesh[axis] == -1),
              f"mesh.{axis} must be >= 1 (mesh.data may be -1: fill); got {full.mesh[axis]}")
-  _require(full.mesh.ring * full.mesh.ulysses == 1,
-           f"mesh.ring={full.mesh.ring}, mesh.ulysses={full.mesh.ulysses}: sequence "
-           "parallelism is not wired into the model yet; set both to 1")
+  if full.mesh.ring * full.mesh.ulysses > 1:
+    from lcjax import ops  # imported here: config stays importable without JAX set up
+    ops.check_sequence_parallel(m.num_heads, m.num_kv_heads, t.seq_len,
+                                ring_size=full.mesh.ring, ulysses_size=full.mesh.ulysses,
+                                strategy=full.sp.strategy, layout=full.sp.layout)
   full.lock()
   return full

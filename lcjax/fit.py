@@ -43,7 +43,7 @@ def step_memory(config, seq_len: int, devices=None) -> StepMemory:
   config = config_lib.validate(_with(config, {"train.seq_len": seq_len}))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   tokenizer = make_tokenizer(config.data)
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, config, mesh)
     batch = step_lib.abstract_batch(config.train.batch_size, seq_len, steps.batch_sharding)

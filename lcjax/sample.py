@@ -3,6 +3,7 @@
 Runs the full forward pass over a fixed window of `context` tokens for each new token (one
 compiled program for the whole sample); the window slides once it is full.
 """
+import dataclasses
 import json
 import pathlib
 
@@ -13,15 +14,20 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from lcjax import model as model_lib
 
-def generate(steps, params, tokenizer, prompt: str, num_tokens: int, *, context: int,
+
+def generate(model_cfg, mesh, params, tokenizer, prompt: str, num_tokens: int, *, context: int,
              seed: int = 0, temperature: float = 0.8) -> str:
-  """Prompt + `num_tokens` sampled tokens (temperature 0 = greedy), decoded."""
-  replicated = jax.sharding.NamedSharding(steps.mesh, jax.sharding.PartitionSpec())
+  """Prompt + `num_tokens` sampled tokens (temperature 0 = greedy), decoded. One sequence in
+  natural order, so sequence parallelism (if the run used it) is off here."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  model_cfg = dataclasses.replace(model_cfg, sp_strategy=None)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.create(model_cfg, 0)))
 
   @jax.jit
   def next_token(params, window_1T, length, key):
-    model = nnx.merge(steps.graphdef, params)
+    model = nnx.merge(graphdef, params)
     positions = jnp.arange(context)[None]
     segments = (positions < length).astype(jnp.int32)
     logits_V = model(window_1T, positions, segments)[0, length - 1]
@@ -60,7 +66,7 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
   config.mesh = ml_collections.ConfigDict({a: 1 for a in mesh_lib.AXES} | {"data": -1})
   config = config_lib.validate(config)
   tokenizer = make_tokenizer(config.data)
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   mesh = mesh_lib.make_mesh(config.mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   step = checkpointer.latest_step()
@@ -69,7 +75,7 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, config, mesh)
     state, _ = checkpointer.restore(step, steps.abstract_state)
-    text = generate(steps, state["params"], tokenizer, prompt, num_tokens,
+    text = generate(model_cfg, mesh, state["params"], tokenizer, prompt, num_tokens,
                     context=config.train.seq_len, temperature=temperature)
   checkpointer.close()
   return text

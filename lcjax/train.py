@@ -18,6 +18,7 @@ from lcjax import config as config_lib
 from lcjax import data as data_lib
 from lcjax import mesh as mesh_lib
 from lcjax import metrics as metrics_lib
+from lcjax import ops
 from lcjax import sample as sample_lib
 from lcjax import step as step_lib
 from lcjax.model import ModelConfig
@@ -28,6 +29,14 @@ def _check_batch(config, mesh):
   if config.train.batch_size % divisor:
     raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of the "
                      f"batch-sharding mesh axes replica*data*fsdp = {divisor}")
+
+
+def _sequence_layout(config):
+  """The token permutation of sequence parallelism (None when it is off)."""
+  ring, ulysses = config.mesh.ring, config.mesh.ulysses
+  if ring * ulysses == 1:
+    return None
+  return np.asarray(ops.sequence_layout(config.train.seq_len, ring, ulysses, config.sp.layout))
 
 
 def evaluate(steps, params, datasets, config) -> dict:
@@ -63,8 +72,9 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
   workdir = pathlib.Path(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   _check_batch(config, mesh)
-  datasets = data_lib.build(config.data, config.train.seq_len, config.train.seed)
-  model_cfg = ModelConfig.from_config(config.model, datasets.tokenizer.vocab_size)
+  datasets = data_lib.build(config.data, config.train.seq_len, config.train.seed,
+                            layout=_sequence_layout(config))
+  model_cfg = ModelConfig.from_config(config, datasets.tokenizer.vocab_size)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   writer = None
   try:
@@ -94,7 +104,7 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
       writer.close()
     checkpointer.close()
   if config.train.sample_prompt:
-    text = sample_lib.generate(steps, result.pop("params"), datasets.tokenizer,
+    text = sample_lib.generate(model_cfg, steps.mesh, result.pop("params"), datasets.tokenizer,
                                config.train.sample_prompt, config.train.sample_tokens,
                                context=config.train.seq_len, seed=config.train.seed)
     (workdir / "sample.txt").write_text(text)
@@ -112,7 +122,7 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
   timer, timed_steps = time.perf_counter(), 0
   bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", unit="step", mininterval=2)
   for step in range(start, t.steps):
-    batch = datasets.train.batch(next_sequence, t.batch_size)
+    batch = datasets.train_batch(next_sequence, t.batch_size)
     next_sequence += t.batch_size
     state, metrics = compiled(state, step_lib.device_batch(batch, steps.batch_sharding))
     pending.append((step + 1, metrics))

@@ -43,7 +43,7 @@ def test_overfits_a_fixed_batch():
   c = config_lib.validate(c)
   mesh = mesh_lib.make_mesh(c.mesh)
   ds = data_lib.build(c.data, c.train.seq_len, c.train.seed)
-  model_cfg = ModelConfig.from_config(c.model, ds.tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(c, ds.tokenizer.vocab_size)
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, c, mesh)
     state = steps.init()

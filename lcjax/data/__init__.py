@@ -13,10 +13,16 @@ class Datasets:
   tokenizer: object
   train: PackedSequences
   eval: PackedSequences
+  # Sequence parallelism stores tokens in a layout (ops.sequence_layout): every field of a
+  # batch is permuted alike, so the model only ever sees stored order. None = natural order.
+  layout: np.ndarray | None = None
 
-  def train_batch(self, step: int, batch_size: int) -> dict:
-    """The global batch of a step: sequences step*B .. step*B+B-1 of the shuffled train stream."""
-    return self.train.batch(step * batch_size, batch_size)
+  def _stored(self, batch: dict) -> dict:
+    return batch if self.layout is None else {f: v[:, self.layout] for f, v in batch.items()}
+
+  def train_batch(self, first_sequence: int, batch_size: int) -> dict:
+    """Sequences first .. first+B-1 of the shuffled train stream (step s starts at s*B)."""
+    return self._stored(self.train.batch(first_sequence, batch_size))
 
   def eval_batches(self, batch_size: int, max_batches: int):
     """Held-out batches in a fixed order (no shuffle); the last one padded with empty rows."""
@@ -28,7 +34,7 @@ class Datasets:
       first = b * batch_size
       keep = min(batch_size, n - first)
       batch = self.eval.batch(first, batch_size)
-      yield batch if keep == batch_size else empty_batch_rows(batch, keep)
+      yield self._stored(batch if keep == batch_size else empty_batch_rows(batch, keep))
 
   def unigram_entropy(self) -> float:
     """Cross-entropy (nats/token) of held-out targets under train-target unigram frequencies."""
@@ -45,7 +51,7 @@ class Datasets:
     return float(-(held * log_p).sum() / held.sum())
 
 
-def build(data_config, seq_len: int, seed: int) -> Datasets:
+def build(data_config, seq_len: int, seed: int, layout: np.ndarray | None = None) -> Datasets:
   tokenizer = make_tokenizer(data_config)
   train_docs, eval_docs = load_documents(data_config)
   special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -53,4 +59,4 @@ def build(data_config, seq_len: int, seed: int) -> Datasets:
                           shuffle=True, **special)
   held_out = PackedSequences([tokenizer.encode(d) for d in eval_docs], seq_len, seed=seed,
                              shuffle=False, **special)
-  return Datasets(tokenizer, train, held_out)
+  return Datasets(tokenizer, train, held_out, layout)

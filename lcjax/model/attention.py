@@ -1,4 +1,5 @@
 """Grouped-query self-attention with RoPE over packed documents; calls `ops.attention`."""
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,9 +26,13 @@ class Attention(nnx.Module):
     k_BTKD = apply_rope(jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt)),
                         positions_BT, inv_freq)
     v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
-    out_BTHD = ops.attention(
-        q_BTHD, k_BTKD, v_BTKD, causal=True,
-        q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
-        q_positions=positions_BT, kv_positions=positions_BT,
-        sliding_window=cfg.sliding_window or None, implementation=cfg.attention)
+    masking = dict(causal=True, q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+                   q_positions=positions_BT, kv_positions=positions_BT,
+                   sliding_window=cfg.sliding_window or None, implementation=cfg.attention)
+    if cfg.sp_strategy:  # tokens arrive in the sequence layout, sharded over (ring, ulysses)
+      out_BTHD = ops.sequence_parallel_attention(
+          q_BTHD, k_BTKD, v_BTKD, mesh=jax.sharding.get_abstract_mesh(),
+          strategy=cfg.sp_strategy, layout=cfg.sp_layout, **masking)
+    else:
+      out_BTHD = ops.attention(q_BTHD, k_BTKD, v_BTKD, **masking)
     return jnp.einsum("bthd,hde->bte", out_BTHD, self.wo[...].astype(dt))

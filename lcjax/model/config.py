@@ -28,6 +28,8 @@ class ModelConfig:
   mlp_chunks: int = 1
   loss_chunks: int = 1
   z_loss: float = 0.0                # weight of log(Z)^2 in the objective; 0 = off
+  sp_strategy: str | None = None     # sequence-parallel attention strategy; None = off
+  sp_layout: str = "zigzag"          # layout the tokens are stored in when sp_strategy is set
 
   @property
   def compute_dtype(self):
@@ -38,10 +40,12 @@ class ModelConfig:
     return self.num_layers // self.num_levels
 
   @classmethod
-  def from_config(cls, model_config, tokenizer_vocab: int) -> "ModelConfig":
-    """From the validated `config.model`; vocab_size 0 = tokenizer vocab rounded up to 128."""
+  def from_config(cls, config, tokenizer_vocab: int) -> "ModelConfig":
+    """From a validated config; vocab_size 0 = tokenizer vocab rounded up to 128."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in model_config.items() if k in fields}
+    values = {k: v for k, v in config.model.items() if k in fields}
+    if config.mesh.ring * config.mesh.ulysses > 1:
+      values.update(sp_strategy=config.sp.strategy, sp_layout=config.sp.layout)
     vocab = values["vocab_size"] or -(-tokenizer_vocab // 128) * 128
     if vocab < tokenizer_vocab:
       raise ValueError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
