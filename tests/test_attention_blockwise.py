@@ -43,3 +43,36 @@ def test_no_sequence_by_sequence_tensor(implementation):
   else:
     assert not big, big[:5]
     assert temp < 64 * 2**20, temp
+
+
+def _scanned_grad_temp(T, remat):
+  """Compiled temp bytes of the gradient through a 2-layer lax.scan of causal, document-masked
+  xla attention (H=2, K=1, D=16), as the model's scan over stacked layers runs it."""
+  B, H, K, D = 1, 2, 1, 16
+  h = jax.ShapeDtypeStruct((B, T, H * D), jnp.float32)
+  w = jax.ShapeDtypeStruct((2, H * D, H * D), jnp.float32)
+  seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+  def loss(h, w, seg):
+    def layer(h, w):
+      q = (h @ w).reshape(B, T, H, D)
+      kv = q[:, :, :K]
+      out = ops.attention(q, kv, kv, causal=True, q_segment_ids=seg, kv_segment_ids=seg,
+                          implementation="xla")
+      return h + out.reshape(B, T, H * D), None
+    if remat:
+      layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(layer, h, w)[0].sum()
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return grad.lower(h, w, seg).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_grad_inside_scan_stays_linear(remat):
+  """Inside a scan, scan's partial eval must not hoist per-tile masks out of the forward
+  (positions are loop-invariant, q is not): that stacked [nq, nk, ..., bq, bk] residuals."""
+  T = 4096
+  small, large = _scanned_grad_temp(T, remat), _scanned_grad_temp(2 * T, remat)
+  assert large < 2.5 * small, (small, large)
+  assert large < (2 * T) ** 2, large  # a quarter of one [2T, 2T] f32 score matrix

@@ -53,6 +53,12 @@ def _batch_status(status_BIJ):
                    jnp.where(jnp.all(status_BIJ == FULL, 0), FULL, PARTIAL))
 
 
+# The fwd of a custom_vjp is traced inline into the caller's linearization. Under an outer
+# lax.scan, scan's loop-invariant hoisting then partially evaluates these loops with positions,
+# segment ids and plan known but q, k, v not, and keeps every tile's mask and -inf fill as
+# residuals stacked over [nq, nk]: O(T^2). Under checkpoint, partial evaluation keeps nothing
+# from in here; the residuals are the ones the custom_vjp names.
+@functools.partial(jax.checkpoint, static_argnums=(0,), prevent_cse=False)
 def _forward(spec, qb, kb, vb, qposb, kposb, qsegb, ksegb, status_IJ):
   """Blocked inputs -> out [nq, B, K, G, bq, D] (q dtype), lse [nq, B, K, G, bq] (accumulation dtype)."""
   acc_dtype = jnp.promote_types(qb.dtype, jnp.float32)
