@@ -4,7 +4,7 @@ the longest sequence whose step fits 80 GiB per device. Writes docs/mst_memory.{
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/mst_memory.py
 
-Runs on a CPU (ahead-of-time compiles from abstract shapes; nothing is allocated): about 20
+Runs on a CPU (ahead-of-time compiles from abstract shapes; nothing is allocated): about 8
 minutes on a 2-core machine. Both models use the meshes of their configs (8 devices, one
 sequence per device); memory is per device, from the CPU compiler's buffer assignment.
 """
@@ -36,7 +36,7 @@ def models():
 
 def with_mst(config, on):
   chunks = fit.mst_chunks(config.model) if on else {"mlp_chunks": 1, "loss_chunks": 1}
-  return fit._with(config, {f"model.{k}": v for k, v in chunks.items()})
+  return fit.with_overrides(config, {f"model.{k}": v for k, v in chunks.items()})
 
 
 def main():
@@ -53,10 +53,12 @@ def main():
         curve.append({"seq_len": seq_len, "temp_gib": mem.temp / GiB, "total_gib": mem.total / GiB})
         print(f"{name} {label} T={seq_len}: temp {mem.temp / GiB:.3f} GiB, total "
               f"{mem.total / GiB:.3f} GiB ({time.time() - start:.0f} s)", flush=True)
+    if not name.startswith("Llama"):
+      continue  # the tiny model fits far beyond 128K either way; the curve is the result
     for on in (False, True):
       for remat in ("none", "full"):
         label = f"{'MsT' if on else 'plain'}, remat {remat}"
-        seq_len, mem = fit.longest_fitting(fit._with(with_mst(config, on), {"model.remat": remat}),
+        seq_len, mem = fit.longest_fitting(fit.with_overrides(with_mst(config, on), {"model.remat": remat}),
                                            80 * GiB)
         entry["longest_80gib"][label] = seq_len
         print(f"{name} longest under 80 GiB, {label}: {seq_len}", flush=True)

@@ -40,7 +40,7 @@ def mst_chunks(model_config) -> dict:
 
 def step_memory(config, seq_len: int, devices=None) -> StepMemory:
   """Compiled per-device memory of the training step of `config` at `seq_len` tokens."""
-  config = config_lib.validate(_with(config, {"train.seq_len": seq_len}))
+  config = config_lib.validate(with_overrides(config, {"train.seq_len": seq_len}))
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   tokenizer = make_tokenizer(config.data)
   model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
@@ -52,7 +52,8 @@ def step_memory(config, seq_len: int, devices=None) -> StepMemory:
                     mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.host_temp_size_in_bytes)
 
 
-def _with(config, overrides: dict):
+def with_overrides(config, overrides: dict):
+  """A copy of `config` with {"section.key": value} overrides (keys must exist)."""
   config = config.copy_and_resolve_references()
   config.unlock()
   for dotted, value in overrides.items():
@@ -122,7 +123,7 @@ def fit_table(config, budget_bytes: int, remat_policies, *, granularity=1024, ma
         overrides.update({f"model.{k}": v for k, v in mst_chunks(config.model).items()})
       else:
         overrides.update({"model.mlp_chunks": 1, "model.loss_chunks": 1})
-      seq_len, mem = longest_fitting(_with(config, overrides), budget_bytes,
+      seq_len, mem = longest_fitting(with_overrides(config, overrides), budget_bytes,
                                      granularity=granularity, max_len=max_len, on_probe=on_probe)
       rows.append({"mst": mst, "remat": remat, "seq_len": seq_len,
                    "memory_gb": mem.total / 2**30 if mem else math.nan,
