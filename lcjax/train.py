@@ -41,10 +41,11 @@ def _sequence_layout(config):
 
 def evaluate(steps, params, datasets, config) -> dict:
   """Exact held-out mean loss over the evaluated tokens (not a mean of batch means)."""
-  loss_sum = count = 0.0
-  for batch in datasets.eval_batches(config.train.batch_size, config.train.eval_batches):
-    s, c = steps.eval(params, step_lib.device_batch(batch, steps.batch_sharding))
-    loss_sum, count = loss_sum + float(s), count + float(c)
+  sums = jax.device_get([  # all batches dispatched first, then one host sync
+      steps.eval(params, step_lib.device_batch(batch, steps.batch_sharding))
+      for batch in datasets.eval_batches(config.train.batch_size, config.train.eval_batches)])
+  loss_sum = sum(float(s) for s, _ in sums)
+  count = sum(float(c) for _, c in sums)
   loss = loss_sum / max(count, 1.0)
   record = {"eval/loss": loss, "eval/tokens": count}
   if datasets.tokenizer.is_bytes:
