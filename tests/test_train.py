@@ -161,3 +161,20 @@ def test_cli_reports_an_unknown_override_in_one_line(tmp_path):
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("lcjax: error:") and "num_kv_heads (3)" in last, proc.stderr[-2000:]
+
+
+def test_sampling_from_a_workdir(tmp_path):
+  from lcjax.sample import sample_from_workdir
+  c = tiny_config()
+  c.train.steps = 3
+  train_and_evaluate(c, tmp_path)
+  greedy = [sample_from_workdir(tmp_path, "def f", 8, temperature=0.0) for _ in range(2)]
+  assert greedy[0] == greedy[1] and greedy[0].startswith("def f")
+  with pytest.raises(ValueError, match="no checkpoint yet"):
+    sample_from_workdir(_empty_run(tmp_path / "empty"), "x", 1, temperature=0.0)
+
+
+def _empty_run(workdir):
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(config_lib.validate(tiny_config()).to_dict()))
+  return workdir
