@@ -96,3 +96,11 @@ def state_bytes_by_memory_kind(tree) -> dict:
     else:
       device += nbytes
   return {"optim/state_bytes_device": device, "optim/state_bytes_host": host}
+
+
+def device_memory() -> dict:
+  """train/peak_memory_bytes: the largest peak over local devices, where the backend reports it
+  (GPU, TPU; the CPU backend has no memory_stats)."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+  return {"train/peak_memory_bytes": max(peaks)} if peaks else {}

@@ -135,7 +135,8 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
       elapsed = (time.perf_counter() - timer) / timed_steps
       last.update({"train/step_time_s": elapsed,
                    "train/tokens_per_s": t.batch_size * t.seq_len / elapsed,
-                   "train/mfu": flops / elapsed / (peak * steps.mesh.devices.size)})
+                   "train/mfu": flops / elapsed / (peak * steps.mesh.devices.size),
+                   **metrics_lib.device_memory()})
       writer.write(logged_step, last)
       bar.set_postfix(loss=f"{last['train/loss']:.3f}")
       pending, timer, timed_steps = [], time.perf_counter(), 0
