@@ -97,6 +97,9 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
         state, position = checkpointer.restore(latest, steps.abstract_state)
         next_sequence = position["next_sequence"]
         print(f"[lcjax] resumed from step {latest} in {workdir}")
+        if latest >= config.train.steps:
+          print(f"[lcjax] the run is complete (train.steps={config.train.steps}); raise "
+                "--config.train.steps to train further")
       writer.write(int(state["step"]), _start_record(steps, model_cfg, config, compiled, state, peak))
       result = _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
                      writer, model_cfg, peak)
