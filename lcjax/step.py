@@ -137,8 +137,8 @@ def _offloaded(model_cfg, config, mesh, graphdef, abstract, shardings, batch_sh,
   opt = offload_lib.OffloadedAdamW(config, abstract["params"], abstract["opt_state"], dtype, mesh)
   clip = config.optim.clip_norm
   compute_sh = shardings["params"]
-  abstract_compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
-                                  abstract["params"])
+  abstract_compute = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), abstract["params"])
 
   def grad_step(compute, step, batch):
     (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(compute, batch)
@@ -159,7 +159,8 @@ def _offloaded(model_cfg, config, mesh, graphdef, abstract, shardings, batch_sh,
 
   def train(state, batch):
     metrics, grads = grad_jit(state["compute"], state["step"], batch)
-    params, opt_state, compute = opt.update(state["step"], grads, state["params"], state["opt_state"])
+    params, opt_state, compute = opt.update(state["step"], grads, state["params"],
+                                            state["opt_state"])
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
             "compute": compute}, metrics
 

@@ -62,8 +62,10 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
             "device/peak_flops": peak_flops, "device/count": steps.mesh.devices.size,
             **metrics_lib.compiled_memory(compiled)}
   # The fp32 parameters are the master weights: with the moments, the optimizer's state.
-  record.update(metrics_lib.state_bytes_by_memory_kind(
-      {"params": state["params"], "opt_state": state["opt_state"]}))
+  optimizer_state = {"params": state["params"], "opt_state": state["opt_state"]}
+  if steps.offload is not None and "compute" not in state:  # dry run: where they would live
+    optimizer_state = steps.offload.abstract_host(optimizer_state)
+  record.update(metrics_lib.state_bytes_by_memory_kind(optimizer_state))
   if steps.offload is not None:
     record.update(steps.offload.describe())
     if "compute" in state:  # a live state, not the dry run's abstract one
@@ -149,7 +151,8 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
       writer.write(done, record)
       last.update(record)
     if done % config.checkpoint.every == 0 or done == t.steps:
-      checkpointer.save(done, steps.saved(state), {"next_sequence": next_sequence}, force=done == t.steps)
+      checkpointer.save(done, steps.saved(state), {"next_sequence": next_sequence},
+                        force=done == t.steps)
     if not pending:  # eval and checkpoint time stays out of the next interval's step time
       timer = time.perf_counter()
     bar.update(1)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import data as data_lib
 from lcjax import mesh as mesh_lib
@@ -116,11 +117,35 @@ def test_measured_figures_and_start_record(tmp_path):
   assert isinstance(start["optim/device_subgroups"], list)
 
 
+def test_checkpoint_round_trip_is_exact(tmp_path):
+  config = offload_config("alternate")
+  steps, state, _ = _train(config, n_steps=2)
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, config_lib.validate(config))
+  try:
+    checkpointer.save(2, steps.saved(state), {"next_sequence": 16}, force=True)
+    checkpointer.manager.wait_until_finished()
+    with jax.set_mesh(steps.mesh):
+      restored, position = checkpointer.restore(2, steps.abstract_state)
+      restored = steps.attach(restored)
+  finally:
+    checkpointer.close()
+  assert position == {"next_sequence": 16}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    assert a.sharding.memory_kind == b.sharding.memory_kind
+    np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+
+
 @pytest.fixture(scope="module")
 def straight_losses(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   train_and_evaluate(tiny_config(), workdir)
   return _losses(workdir)
+
+
+def test_dry_run_reports_host_state(tmp_path):
+  record = train_and_evaluate(offload_config(), tmp_path, dry_run=True)
+  assert record["optim/state_bytes_host"] > 0 and record["optim/state_bytes_device"] == 0
+  assert record["optim/predicted_update_s"] > 0
 
 
 @pytest.mark.parametrize("first, second", [(True, True), (False, True), (True, False)])

@@ -19,6 +19,21 @@ from lcjax.optim import perf_model
 HOST, DEVICE = "pinned_host", "device"
 
 
+def _on_host(fn):
+  """`fn` traced to run on the host. On the CPU backend host memory is the device's own RAM,
+  so a plain jit over pinned_host arrays already computes there; on accelerators the body is
+  annotated with compute_on("device_host") (context-manager form, jax <= 0.11; PITFALLS.md),
+  which is unverified on a GPU in this repository."""
+  if jax.default_backend() == "cpu":
+    return fn
+  from jax.experimental.compute_on import compute_on
+
+  def on_host(*args):
+    with compute_on("device_host"):
+      return fn(*args)
+  return on_host
+
+
 def _adamw(o, lr_schedule, decay, compute_dtype, params, grads, mu, nu, step):
   """One AdamW step on lists of leaves; `step` is the update count before this step."""
   count = step + 1
@@ -58,7 +73,7 @@ def _leaf_roles(opt_state, n_params):
 
 
 def subgroups(param_bytes, subgroup_mb):
-  """Whole leaves, in order, packed into groups of at least subgroup_mb MiB (the last may be less)."""
+  """Whole leaves, in order, packed into groups of at least subgroup_mb MiB (the last: less)."""
   groups, current, size = [], [], 0
   for i, b in enumerate(param_bytes):
     current.append(i)
@@ -95,6 +110,7 @@ class OffloadedAdamW:
       scalar = self.scalar_host if kind == HOST else self.scalar_device
       flags = tuple(bool(decay[i]) for i in group)
       fn = lambda p, g, m, v, s: _adamw(o, lr_schedule, flags, compute_dtype, p, g, m, v, s)
+      fn = _on_host(fn) if kind == HOST else fn
       return jax.jit(fn, in_shardings=(sh, sh, sh, sh, scalar), out_shardings=(sh, sh, sh, sh))
 
     self._host_update = [jitted(g, HOST) for g in self.groups]
@@ -129,8 +145,9 @@ class OffloadedAdamW:
         lambda: jax.device_put(x_dev, host).block_until_ready())
     for key, sh, x, scalar in (("host_update_bps", host, x_host, self.scalar_host),
                                ("device_update_bps", dev, x_dev, self.scalar_device)):
-      fn = jax.jit(lambda p, g, m, v, s: _adamw(o, lr_schedule, (True,), compute_dtype, p, g, m, v, s),
-                   in_shardings=([sh],) * 4 + (scalar,), out_shardings=([sh],) * 4)
+      fn = lambda p, g, m, v, s: _adamw(o, lr_schedule, (True,), compute_dtype, p, g, m, v, s)
+      fn = jax.jit(_on_host(fn) if sh is host else fn, in_shardings=([sh],) * 4 + (scalar,),
+                   out_shardings=([sh],) * 4)
       step = jax.device_put(jnp.zeros((), jnp.int32), scalar)
       measured[key] = 3 * nbytes / perf_model.median_seconds(
           lambda: jax.block_until_ready(fn([x], [x], [x], [x], step)))
@@ -171,9 +188,9 @@ class OffloadedAdamW:
       group = self.groups[k]
       take = lambda xs, sh: [jax.device_put(xs[i], sh[i]) for i in group]
       if self.on_device[k]:  # stream the state through the device
-        p, m, v, c = self._device_update[k](take(p_all, self.device_sh), [g_all[i] for i in group],
-                                            take(mu_all, self.device_sh), take(nu_all, self.device_sh),
-                                            step)
+        dev = self.device_sh
+        p, m, v, c = self._device_update[k](take(p_all, dev), [g_all[i] for i in group],
+                                            take(mu_all, dev), take(nu_all, dev), step)
         p, m, v = (take_back(xs, group, self.host_sh) for xs in (p, m, v))
       else:  # gradients down, update on the host, compute copy up
         p, m, v, c = self._host_update[k]([p_all[i] for i in group], take(g_all, self.host_sh),
@@ -193,6 +210,14 @@ class OffloadedAdamW:
     grads = jax.tree.map(lambda c: c.astype(jnp.float32), state["compute"])
     return perf_model.median_seconds(lambda: jax.block_until_ready(
         self.update(state["step"], grads, state["params"], state["opt_state"])), repeats)
+
+  def abstract_host(self, abstract_state):
+    """The abstract {"params", "opt_state"} as they live with offload (dry run's start record)."""
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    params = [place(x, s) for x, s in zip(jax.tree.leaves(abstract_state["params"]), self.host_sh)]
+    opt = [place(x, self.scalar_host if role == "count" else self.host_sh[i])
+           for x, (role, i) in zip(jax.tree.leaves(abstract_state["opt_state"]), self.roles)]
+    return {"params": self.params_def.unflatten(params), "opt_state": self.opt_def.unflatten(opt)}
 
   def describe(self) -> dict:
     """The performance model's inputs, its choice and prediction, for the start record."""
