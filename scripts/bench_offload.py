@@ -41,7 +41,7 @@ def _config(args, optim):
   c.mesh.update(data=-1)
   c.model.update(num_layers=args.layers, embed_dim=args.embed, num_heads=args.embed // 64,
                  num_kv_heads=args.embed // 128, head_dim=64, mlp_dim=3 * args.embed)
-  c.optim.update(subgroup_mb=args.subgroup_mb, **optim)
+  c.optim.update(**{"subgroup_mb": args.subgroup_mb, **optim})
   c.data.max_documents = 50
   return config_lib.validate(c)
 
