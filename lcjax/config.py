@@ -77,6 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9          # SGD momentum (0 = plain SGD)
   c.optim.weight_decay = 0.1      # decoupled weight decay on matrices (not on norms)
   c.optim.clip_norm = 1.0         # global gradient-norm clipping; 0 = off
+  c.optim.offload = False         # adamw only: fp32 master params + moments in host memory
+                                  # (Deep Optimizer States), updated per subgroup on host or device
+  c.optim.subgroup_mb = 64.0      # offload: subgroup size in MiB of fp32 params (whole leaves)
+  c.optim.update_on = "auto"      # offload: auto (performance model) | host | device | alternate
+  c.optim.h2d_gbps = 0.0          # offload model: host->device GB/s; 0 = measure at start
+  c.optim.d2h_gbps = 0.0          # offload model: device->host GB/s; 0 = measure at start
+  c.optim.host_update_gbps = 0.0  # offload model: state GB/s of the host AdamW; 0 = measure
+  c.optim.device_update_gbps = 0.0  # offload model: state GB/s of the device AdamW; 0 = measure
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
@@ -140,6 +148,13 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(m.z_loss >= 0, f"model.z_loss must be >= 0; got {m.z_loss}")
   _require(o.name in ("adamw", "sgd"), f"optim.name must be adamw or sgd; got {o.name!r}")
   _require(o.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = off); got {o.clip_norm}")
+  _require(not o.offload or o.name == "adamw",
+           f"optim.offload=True supports optim.name='adamw' only; got {o.name!r}")
+  _require(o.subgroup_mb > 0, f"optim.subgroup_mb must be > 0; got {o.subgroup_mb}")
+  _require(o.update_on in ("auto", "host", "device", "alternate"),
+           f"optim.update_on must be auto, host, device or alternate; got {o.update_on!r}")
+  for key in ("h2d_gbps", "d2h_gbps", "host_update_gbps", "device_update_gbps"):
+    _require(o[key] >= 0, f"optim.{key} must be >= 0 (0 = measure at start); got {o[key]}")
   _require(d.source in ("stdlib", "text", "jsonl"),
            f"data.source must be stdlib, text or jsonl; got {d.source!r}")
   _require(d.source == "stdlib" or d.paths,

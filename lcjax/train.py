@@ -62,8 +62,14 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
             "device/peak_flops": peak_flops, "device/count": steps.mesh.devices.size,
             **metrics_lib.compiled_memory(compiled)}
   # The fp32 parameters are the master weights: with the moments, the optimizer's state.
-  record.update(metrics_lib.state_bytes_by_memory_kind(
-      {"params": state["params"], "opt_state": state["opt_state"]}))
+  optimizer_state = {"params": state["params"], "opt_state": state["opt_state"]}
+  if steps.offload is not None and "compute" not in state:  # dry run: where they would live
+    optimizer_state = steps.offload.abstract_host(optimizer_state)
+  record.update(metrics_lib.state_bytes_by_memory_kind(optimizer_state))
+  if steps.offload is not None:
+    record.update(steps.offload.describe())
+    if "compute" in state:  # a live state, not the dry run's abstract one
+      record["optim/measured_update_s"] = steps.offload.measure_update_s(state)
   return record
 
 
@@ -83,7 +89,7 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
       steps = step_lib.build(model_cfg, config, mesh)
       abstract_batch = step_lib.abstract_batch(config.train.batch_size, config.train.seq_len,
                                                steps.batch_sharding)
-      compiled = steps.train.lower(steps.abstract_state, abstract_batch).compile()
+      runner, compiled = steps.compile(abstract_batch)
       latest = checkpointer.latest_step()
       writer = metrics_lib.MetricsWriter(workdir, resume_step=latest)
       peak = config.train.peak_flops or metrics_lib.measure_peak_flops(mesh, model_cfg.compute_dtype)
@@ -95,13 +101,14 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
         state, next_sequence = steps.init(), 0
       else:
         state, position = checkpointer.restore(latest, steps.abstract_state)
+        state = steps.attach(state)
         next_sequence = position["next_sequence"]
         print(f"[lcjax] resumed from step {latest} in {workdir}")
         if latest >= config.train.steps:
           print(f"[lcjax] the run is complete (train.steps={config.train.steps}); raise "
                 "--config.train.steps to train further")
       writer.write(int(state["step"]), _start_record(steps, model_cfg, config, compiled, state, peak))
-      result = _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
+      result = _loop(config, steps, runner, state, next_sequence, datasets, checkpointer,
                      writer, model_cfg, peak)
   finally:  # also on a crash: finish in-flight checkpoint writes, flush metrics
     if writer is not None:
@@ -144,13 +151,14 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
       bar.set_postfix(loss=f"{last['train/loss']:.3f}")
       pending, timer, timed_steps = [], time.perf_counter(), 0
     if done % t.eval_every == 0 or done == t.steps:
-      record = evaluate(steps, state["params"], datasets, config)
+      record = evaluate(steps, state.get("compute", state["params"]), datasets, config)
       writer.write(done, record)
       last.update(record)
     if done % config.checkpoint.every == 0 or done == t.steps:
-      checkpointer.save(done, state, {"next_sequence": next_sequence}, force=done == t.steps)
+      checkpointer.save(done, steps.saved(state), {"next_sequence": next_sequence},
+                        force=done == t.steps)
     if not pending:  # eval and checkpoint time stays out of the next interval's step time
       timer = time.perf_counter()
     bar.update(1)
   bar.close()
-  return {**last, "params": state["params"]}
+  return {**last, "params": state.get("compute", state["params"])}
