@@ -39,6 +39,17 @@ def _sequence_layout(config):
   return np.asarray(ops.sequence_layout(config.train.seq_len, ring, ulysses, config.sp.layout))
 
 
+def prepare(config):
+  """(validated config, mesh, datasets in the sequence layout, model config): what every entry
+  point (training, tests, benchmarks) builds before the steps."""
+  config = config_lib.validate(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _check_batch(config, mesh)
+  datasets = data_lib.build(config.data, config.train.seq_len, config.train.seed,
+                            layout=_sequence_layout(config))
+  return config, mesh, datasets, ModelConfig.from_config(config, datasets.tokenizer.vocab_size)
+
+
 def evaluate(steps, params, datasets, config) -> dict:
   """Exact held-out mean loss over the evaluated tokens (not a mean of batch means)."""
   sums = jax.device_get([  # all batches dispatched first, then one host sync
@@ -75,13 +86,8 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
 
 def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics."""
-  config = config_lib.validate(config)
+  config, mesh, datasets, model_cfg = prepare(config)
   workdir = pathlib.Path(workdir)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  _check_batch(config, mesh)
-  datasets = data_lib.build(config.data, config.train.seq_len, config.train.seed,
-                            layout=_sequence_layout(config))
-  model_cfg = ModelConfig.from_config(config, datasets.tokenizer.vocab_size)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   writer = None
   try:

@@ -23,10 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lcjax import config as config_lib  # noqa: E402
-from lcjax import data as data_lib  # noqa: E402
-from lcjax import mesh as mesh_lib  # noqa: E402
 from lcjax import step as step_lib  # noqa: E402
-from lcjax.model import ModelConfig  # noqa: E402
+from lcjax.train import prepare  # noqa: E402
 
 CASES = {"a_device": dict(offload=False),
          "b_round_trip": dict(offload=True, update_on="device", subgroup_mb=1e6),
@@ -47,10 +45,7 @@ def _config(args, optim):
 
 
 def run_case(args, name, optim):
-  c = _config(args, optim)
-  mesh = mesh_lib.make_mesh(c.mesh)
-  ds = data_lib.build(c.data, c.train.seq_len, c.train.seed)
-  model_cfg = ModelConfig.from_config(c, ds.tokenizer.vocab_size)
+  c, mesh, ds, model_cfg = prepare(_config(args, optim))
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, c, mesh)
     state = steps.init()

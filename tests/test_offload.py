@@ -11,13 +11,10 @@ import pytest
 
 from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
-from lcjax import data as data_lib
-from lcjax import mesh as mesh_lib
 from lcjax import metrics as metrics_lib
 from lcjax import step as step_lib
-from lcjax.model import ModelConfig
 from lcjax.optim import perf_model
-from lcjax.train import train_and_evaluate
+from lcjax.train import prepare, train_and_evaluate
 from test_train import _losses, tiny_config
 
 FIGURES = dict(h2d_gbps=10.0, d2h_gbps=10.0, host_update_gbps=1.0, device_update_gbps=100.0)
@@ -31,10 +28,7 @@ def offload_config(update_on="auto", **optim):
 
 
 def _train(config, n_steps=4):
-  c = config_lib.validate(config)
-  mesh = mesh_lib.make_mesh(c.mesh)
-  ds = data_lib.build(c.data, c.train.seq_len, c.train.seed)
-  model_cfg = ModelConfig.from_config(c, ds.tokenizer.vocab_size)
+  c, mesh, ds, model_cfg = prepare(config)
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, c, mesh)
     state, losses = steps.init(), []

@@ -7,11 +7,8 @@ import pytest
 from flax import nnx
 
 from lcjax import config as config_lib
-from lcjax import data as data_lib
-from lcjax import mesh as mesh_lib
 from lcjax import step as step_lib
-from lcjax.model import ModelConfig
-from lcjax.train import _sequence_layout, train_and_evaluate
+from lcjax.train import prepare, train_and_evaluate
 from test_train import _losses, tiny_config
 
 
@@ -23,11 +20,7 @@ def sp_config(strategy="usp", layout="zigzag", ring=2, ulysses=2):
 
 
 def _loss_and_grads(config):
-  config = config_lib.validate(config)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  datasets = data_lib.build(config.data, config.train.seq_len, config.train.seed,
-                            layout=_sequence_layout(config))
-  model_cfg = ModelConfig.from_config(config, datasets.tokenizer.vocab_size)
+  config, mesh, datasets, model_cfg = prepare(config)
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, config, mesh)
     params = steps.init()["params"]

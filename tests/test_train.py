@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 
 from lcjax import config as config_lib
-from lcjax import data as data_lib
-from lcjax import mesh as mesh_lib
 from lcjax import step as step_lib
-from lcjax.model import ModelConfig
-from lcjax.train import train_and_evaluate
+from lcjax.train import prepare, train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,10 +37,7 @@ def _losses(workdir):
 def test_overfits_a_fixed_batch():
   c = tiny_config()
   c.train.update(steps=80, lr=1e-2, warmup_steps=5)
-  c = config_lib.validate(c)
-  mesh = mesh_lib.make_mesh(c.mesh)
-  ds = data_lib.build(c.data, c.train.seq_len, c.train.seed)
-  model_cfg = ModelConfig.from_config(c, ds.tokenizer.vocab_size)
+  c, mesh, ds, model_cfg = prepare(c)
   with jax.set_mesh(mesh):
     steps = step_lib.build(model_cfg, c, mesh)
     state = steps.init()
