@@ -86,6 +86,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.host_update_gbps = 0.0  # offload model: state GB/s of the host AdamW; 0 = measure
   c.optim.device_update_gbps = 0.0  # offload model: state GB/s of the device AdamW; 0 = measure
 
+  c.outer = ml_collections.ConfigDict()  # the outer loop over the mesh.replica islands
+  c.outer.kind = "none"           # none | diloco (H inner steps per island, then one sync)
+  c.outer.inner_steps = 50        # H: inner steps between syncs
+  c.outer.optimizer = "sgd"       # outer optimizer on the averaged pseudo-gradient: sgd | adam
+  c.outer.lr = 0.7                # outer learning rate (DiLoCo: 0.7)
+  c.outer.momentum = 0.9          # sgd momentum (0 = none) / adam b1
+  c.outer.nesterov = True         # sgd: Nesterov momentum
+  c.outer.compression = "float32"  # outer gradient on the wire: float32 | bfloat16 | int8 | int4
+  c.outer.drop_replicas = ""      # fault drill: "r@k,..." leaves island r out of outer step k (1-based)
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
   c.data.paths = ""               # text/jsonl: comma-separated globs of files
@@ -113,6 +123,23 @@ def _check_keys(config, reference, prefix=""):
 def _require(ok, message):
   if not ok:
     raise ValueError(message)
+
+
+def _check_outer(full):
+  u = full.outer
+  _require(u.kind in ("none", "diloco"), f"outer.kind must be none or diloco; got {u.kind!r}")
+  if u.kind == "none":
+    return
+  _require(u.inner_steps > 0, f"outer.inner_steps must be > 0; got {u.inner_steps}")
+  _require(u.optimizer in ("sgd", "adam"), f"outer.optimizer must be sgd or adam; got {u.optimizer!r}")
+  _require(u.lr > 0, f"outer.lr must be > 0; got {u.lr}")
+  _require(0 <= u.momentum < 1, f"outer.momentum must be in [0, 1); got {u.momentum}")
+  from lcjax.outer import compression, diloco  # imported here: config stays importable without JAX
+  _require(u.compression in compression.FORMATS,
+           f"outer.compression must be one of {compression.FORMATS}; got {u.compression!r}")
+  diloco.parse_drops(u.drop_replicas, full.mesh.replica)
+  _require(not full.optim.offload, "outer.kind='diloco' with optim.offload=True is not supported; "
+           "turn one of them off")
 
 
 def validate(config) -> ml_collections.ConfigDict:
@@ -167,6 +194,7 @@ def validate(config) -> ml_collections.ConfigDict:
   for axis in MESH_AXES:
     _require(full.mesh[axis] >= 1 or (axis == "data" and full.mesh[axis] == -1),
              f"mesh.{axis} must be >= 1 (mesh.data may be -1: fill); got {full.mesh[axis]}")
+  _check_outer(full)
   if full.mesh.ring * full.mesh.ulysses > 1:
     from lcjax import ops  # imported here: config stays importable without JAX set up
     ops.check_sequence_parallel(m.num_heads, m.num_kv_heads, t.seq_len,

@@ -53,8 +53,11 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
 
 
 def _mesh_axes_for(name, mesh):
+  """The mesh axes a logical name maps to, leaving out those of size 1 and those that are manual
+  here (inside a shard_map over them, e.g. the DiLoCo islands' `replica`)."""
   axes = LOGICAL_RULES[name] if name is not None else None
-  return tuple(a for a in (axes or ()) if mesh.shape[a] > 1)
+  manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual}
+  return tuple(a for a in (axes or ()) if mesh.shape[a] > 1 and a not in manual)
 
 
 def logical_spec(shape, logical_axes, mesh) -> P:
@@ -84,10 +87,17 @@ def batch_divisor(mesh) -> int:
 
 
 def constrain(x, logical_axes):
-  """with_sharding_constraint by logical names under the current mesh; a no-op without one."""
+  """with_sharding_constraint by logical names under the current mesh; a no-op without one.
+
+  Inside a manual region (a DiLoCo island: shard_map over `replica`) the batch dimension is left
+  to the inputs' sharding: with jax 0.10.2, XLA's SPMD partitioner fails a check
+  (spmd_partitioner_util.cc, partition group sizes) on a batch constraint over fsdp there when
+  the sequence is split too (tests/test_diloco.py runs that mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
+  if AxisType.Manual in mesh.axis_types:
+    logical_axes = tuple(None if name == "batch" else name for name in logical_axes)
   return jax.lax.with_sharding_constraint(x, logical_spec(x.shape, logical_axes, mesh))
 
 

@@ -32,7 +32,7 @@ def _param_shardings(abstract_model, mesh):
   return nnx.to_pure_dict(jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def _mirror_shardings(tree, param_shardings, params, mesh):
+def mirror_shardings(tree, param_shardings, params, mesh):
   """Shardings for a tree whose leaves mirror parameters (optimizer moments): matched by the
   tail of their path and their shape; anything else (counts, scalars) is replicated."""
   by_path = {}
@@ -61,6 +61,9 @@ class Steps:
   train: callable           # (state, batch) -> (state, metrics); state donated
   eval: callable            # (params, batch) -> (loss_sum, token_count)
   mesh: jax.sharding.Mesh
+  eval_params: callable = lambda state: state["params"]  # what evaluation and sampling use
+  describe: callable = lambda: {}          # extra fields of the start record
+  annotate: callable = lambda step, record: record  # host-side fields added to a train record
   # With optim.offload the live state also holds "compute" (the device's compute-dtype copy of
   # the parameters) and keeps params/opt_state in host memory; `saved` drops "compute" for a
   # checkpoint (the same layout either way) and `attach` places a restored or initial state.
@@ -78,7 +81,21 @@ class Steps:
     return self.train, self.lowerable(self.abstract_compute, abstract_batch).compile()
 
 
-def build(model_cfg, config, mesh) -> Steps:
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """The pure (unjitted) pieces every variant of the step (plain, offloaded, DiLoCo) composes."""
+  graphdef: nnx.GraphDef
+  abstract_state: dict      # {"step", "params", "opt_state"}: ShapeDtypeStructs with shardings
+  state_shardings: dict
+  batch_sharding: jax.sharding.NamedSharding
+  create_state: callable    # () -> state
+  loss_fn: callable         # (params, batch) -> (objective / tokens, (cross entropy, tokens))
+  train_step: callable      # (state, batch) -> (state, metrics)
+  eval_step: callable       # (params, batch) -> (cross-entropy sum, token count)
+  lr_schedule: callable
+
+
+def parts(model_cfg, config, mesh) -> Parts:
   tx = optim.make(config)
   lr_schedule = optim.schedule(config.train)
   seed = config.train.seed
@@ -92,10 +109,9 @@ def build(model_cfg, config, mesh) -> Steps:
   abstract = jax.eval_shape(create_state)
   param_sh = _param_shardings(abstract_model, mesh)
   shardings = {"step": mesh_lib.replicated(mesh), "params": param_sh,
-               "opt_state": _mirror_shardings(abstract["opt_state"], param_sh, abstract["params"], mesh)}
+               "opt_state": mirror_shardings(abstract["opt_state"], param_sh, abstract["params"], mesh)}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-  batch_sh = mesh_lib.batch_sharding(mesh)
 
   def loss_fn(params, batch):
     objective, cross_entropy, count = nnx.merge(graphdef, params).loss_sums(batch)
@@ -114,17 +130,29 @@ def build(model_cfg, config, mesh) -> Steps:
     _, cross_entropy, count = nnx.merge(graphdef, params).loss_sums(batch)
     return cross_entropy, count
 
-  replicated = mesh_lib.replicated(mesh)
+  return Parts(graphdef=graphdef, abstract_state=abstract, state_shardings=shardings,
+               batch_sharding=mesh_lib.batch_sharding(mesh), create_state=create_state,
+               loss_fn=loss_fn, train_step=train_step, eval_step=eval_step,
+               lr_schedule=lr_schedule)
+
+
+def build(model_cfg, config, mesh) -> Steps:
+  p = parts(model_cfg, config, mesh)
+  if config.outer.kind == "diloco":
+    from lcjax.outer import diloco  # the outer loop composes these parts
+    return diloco.build(p, config, mesh)
   if config.optim.offload:
-    return _offloaded(model_cfg, config, mesh, graphdef, abstract, shardings, batch_sh,
-                      create_state, loss_fn, eval_step, lr_schedule)
+    return _offloaded(model_cfg, config, mesh, p.graphdef, p.abstract_state, p.state_shardings,
+                      p.batch_sharding, p.create_state, p.loss_fn, p.eval_step, p.lr_schedule)
+  replicated = mesh_lib.replicated(mesh)
+  shardings, batch_sh = p.state_shardings, p.batch_sharding
   return Steps(
-      graphdef=graphdef, abstract_state=abstract, state_shardings=shardings,
+      graphdef=p.graphdef, abstract_state=p.abstract_state, state_shardings=shardings,
       batch_sharding=batch_sh, mesh=mesh,
-      init=jax.jit(create_state, out_shardings=shardings),
-      train=jax.jit(train_step, in_shardings=(shardings, batch_sh),
+      init=jax.jit(p.create_state, out_shardings=shardings),
+      train=jax.jit(p.train_step, in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, replicated), donate_argnums=0),
-      eval=jax.jit(eval_step, in_shardings=(shardings["params"], batch_sh),
+      eval=jax.jit(p.eval_step, in_shardings=(shardings["params"], batch_sh),
                    out_shardings=replicated))
 
 
@@ -170,7 +198,8 @@ def _offloaded(model_cfg, config, mesh, graphdef, abstract, shardings, batch_sh,
       batch_sharding=batch_sh, mesh=mesh, init=lambda: attach(init()), train=train,
       eval=jax.jit(eval_step, in_shardings=(compute_sh, batch_sh), out_shardings=replicated),
       offload=opt, saved=lambda state: {k: state[k] for k in ("step", "params", "opt_state")},
-      attach=attach, lowerable=lambda compute, batch: grad_jit.lower(
+      attach=attach, eval_params=lambda state: state["compute"],
+      lowerable=lambda compute, batch: grad_jit.lower(
           compute, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), batch),
       abstract_compute=abstract_compute)
   return steps

@@ -77,6 +77,7 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
   if steps.offload is not None and "compute" not in state:  # dry run: where they would live
     optimizer_state = steps.offload.abstract_host(optimizer_state)
   record.update(metrics_lib.state_bytes_by_memory_kind(optimizer_state))
+  record.update(steps.describe())
   if steps.offload is not None:
     record.update(steps.offload.describe())
     if "compute" in state:  # a live state, not the dry run's abstract one
@@ -146,7 +147,7 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
       for logged_step, m in jax.device_get(pending):
-        last = {k: float(v) for k, v in m.items()}
+        last = steps.annotate(logged_step, {k: float(v) for k, v in m.items()})
       timed_steps += len(pending)
       elapsed = (time.perf_counter() - timer) / timed_steps
       last.update({"train/step_time_s": elapsed,
@@ -157,7 +158,7 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
       bar.set_postfix(loss=f"{last['train/loss']:.3f}")
       pending, timer, timed_steps = [], time.perf_counter(), 0
     if done % t.eval_every == 0 or done == t.steps:
-      record = evaluate(steps, state.get("compute", state["params"]), datasets, config)
+      record = evaluate(steps, steps.eval_params(state), datasets, config)
       writer.write(done, record)
       last.update(record)
     if done % config.checkpoint.every == 0 or done == t.steps:
@@ -167,4 +168,4 @@ def _loop(config, steps, compiled, state, next_sequence, datasets, checkpointer,
       timer = time.perf_counter()
     bar.update(1)
   bar.close()
-  return {**last, "params": state.get("compute", state["params"])}
+  return {**last, "params": steps.eval_params(state)}
