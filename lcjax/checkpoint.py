@@ -47,7 +47,12 @@ class Checkpointer:
       saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is corrupt ({e.msg}); use a new --workdir") from None
-    for key in _MUST_MATCH:
+    must_match = _MUST_MATCH
+    if config_dict.get("outer", {}).get("kind", "none") != "none":  # the state has one copy per island
+      must_match += ("outer.kind", "outer.optimizer", "mesh.replica")
+    elif _lookup(saved, "outer.kind") not in (None, "none"):
+      must_match += ("outer.kind",)
+    for key in must_match:
       if _lookup(saved, key) != _lookup(config_dict, key):
         raise ValueError(
             f"--workdir={self.workdir} holds a run with {key}={_lookup(saved, key)!r}, but this "
