@@ -72,10 +72,9 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
             "model/tokens_per_step": tokens, "mesh": mesh_lib.describe(steps.mesh),
             "device/peak_flops": peak_flops, "device/count": steps.mesh.devices.size,
             **metrics_lib.compiled_memory(compiled)}
-  # The fp32 parameters are the master weights: with the moments, the optimizer's state.
+  # The fp32 parameters are the master weights: with the moments, the optimizer's state. A dry
+  # run's abstract state carries the shardings (memory kinds) the live one would have.
   optimizer_state = {"params": state["params"], "opt_state": state["opt_state"]}
-  if steps.offload is not None and "compute" not in state:  # dry run: where they would live
-    optimizer_state = steps.offload.abstract_host(optimizer_state)
   record.update(metrics_lib.state_bytes_by_memory_kind(optimizer_state))
   if steps.offload is not None:
     record.update(steps.offload.describe())
