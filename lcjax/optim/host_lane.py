@@ -20,8 +20,6 @@ Which implementation runs where (optim.host_lane; "auto" picks by backend):
 import jax
 import numpy as np
 
-KINDS = ("auto", "jit", "cpu_backend")
-
 
 def resolve(kind: str) -> str:
   """optim.host_lane with "auto" replaced by the backend's default."""
