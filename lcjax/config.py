@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # (Deep Optimizer States), updated per subgroup on host or device
   c.optim.subgroup_mb = 64.0      # offload: subgroup size in MiB of fp32 params (whole leaves)
   c.optim.update_on = "auto"      # offload: auto (performance model) | host | device | alternate
+  c.optim.host_lane = "auto"      # offload: host update as jit (CPU backend's default) |
+                                  # cpu_backend (accelerators' default; see optim/host_lane.py)
   c.optim.h2d_gbps = 0.0          # offload model: host->device GB/s; 0 = measure at start
   c.optim.d2h_gbps = 0.0          # offload model: device->host GB/s; 0 = measure at start
   c.optim.host_update_gbps = 0.0  # offload model: state GB/s of the host AdamW; 0 = measure
@@ -180,6 +182,8 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(o.subgroup_mb > 0, f"optim.subgroup_mb must be > 0; got {o.subgroup_mb}")
   _require(o.update_on in ("auto", "host", "device", "alternate"),
            f"optim.update_on must be auto, host, device or alternate; got {o.update_on!r}")
+  _require(o.host_lane in ("auto", "jit", "cpu_backend"),
+           f"optim.host_lane must be auto, jit or cpu_backend; got {o.host_lane!r}")
   for key in ("h2d_gbps", "d2h_gbps", "host_update_gbps", "device_update_gbps"):
     _require(o[key] >= 0, f"optim.{key} must be >= 0 (0 = measure at start); got {o[key]}")
   _require(d.source in ("stdlib", "text", "jsonl"),

@@ -54,31 +54,34 @@ def mirror_shardings(tree, param_shardings, params, mesh):
 @dataclasses.dataclass
 class Steps:
   graphdef: nnx.GraphDef
-  abstract_state: dict      # ShapeDtypeStructs carrying their shardings
+  abstract_state: dict      # ShapeDtypeStructs carrying their shardings (and memory kinds)
   state_shardings: dict
   batch_sharding: jax.sharding.NamedSharding
-  init: callable            # () -> state, sharded from the start
+  init: callable            # () -> state, placed by its shardings from the start
   train: callable           # (state, batch) -> (state, metrics); state donated
   eval: callable            # (params, batch) -> (loss_sum, token_count)
   mesh: jax.sharding.Mesh
+  trace: callable           # abstract batch -> jax.stages.Traced of the train step's jit
   eval_params: callable = lambda state: state["params"]  # what evaluation and sampling use
   describe: callable = lambda: {}          # extra fields of the start record
   annotate: callable = lambda step, record: record  # host-side fields added to a train record
   # With optim.offload the live state also holds "compute" (the device's compute-dtype copy of
   # the parameters) and keeps params/opt_state in host memory; `saved` drops "compute" for a
-  # checkpoint (the same layout either way) and `attach` places a restored or initial state.
+  # checkpoint (the same layout either way) and `attach` completes a restored state.
   offload: offload_lib.OffloadedAdamW | None = None
   saved: callable = lambda state: state
   attach: callable = lambda state: state
-  lowerable: callable = None  # (abstract compute params, abstract batch) -> lowered device step
-  abstract_compute: dict = None
 
   def compile(self, abstract_batch):
-    """(runner, compiled): runner(state, batch) -> (state, metrics); compiled for memory stats."""
-    if self.offload is None:
-      compiled = self.train.lower(self.abstract_state, abstract_batch).compile()
-      return compiled, compiled
-    return self.train, self.lowerable(self.abstract_compute, abstract_batch).compile()
+    """(runner, compiled): runner(state, batch) -> (state, metrics); compiled for memory stats.
+    With offload the runner is `train` (the jit plus the host lanes after it)."""
+    compiled = self.trace(abstract_batch).lower().compile()
+    return (compiled if self.offload is None else self.train), compiled
+
+
+def train_metrics(loss, grads, count, lr) -> dict:
+  return {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads), "train/tokens": count,
+          "train/lr": lr}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +125,7 @@ def parts(model_cfg, config, mesh) -> Parts:
     (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-               "train/tokens": count, "train/lr": lr_schedule(state["step"])}
+    metrics = train_metrics(loss, grads, count, lr_schedule(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def eval_step(params, batch):
@@ -142,67 +144,19 @@ def build(model_cfg, config, mesh) -> Steps:
     from lcjax.outer import diloco  # the outer loop composes these parts
     return diloco.build(p, config, mesh)
   if config.optim.offload:
-    return _offloaded(model_cfg, config, mesh, p.graphdef, p.abstract_state, p.state_shardings,
-                      p.batch_sharding, p.create_state, p.loss_fn, p.eval_step, p.lr_schedule)
+    from lcjax.optim import offload_step  # it imports this module for Steps
+    return offload_step.build(p, config, mesh, model_cfg.compute_dtype)
   replicated = mesh_lib.replicated(mesh)
   shardings, batch_sh = p.state_shardings, p.batch_sharding
+  train = jax.jit(p.train_step, in_shardings=(shardings, batch_sh),
+                  out_shardings=(shardings, replicated), donate_argnums=0)
   return Steps(
       graphdef=p.graphdef, abstract_state=p.abstract_state, state_shardings=shardings,
       batch_sharding=batch_sh, mesh=mesh,
-      init=jax.jit(p.create_state, out_shardings=shardings),
-      train=jax.jit(p.train_step, in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, replicated), donate_argnums=0),
+      init=jax.jit(p.create_state, out_shardings=shardings), train=train,
       eval=jax.jit(p.eval_step, in_shardings=(shardings["params"], batch_sh),
-                   out_shardings=replicated))
-
-
-def _offloaded(model_cfg, config, mesh, graphdef, abstract, shardings, batch_sh, create_state,
-               loss_fn, eval_step, lr_schedule) -> Steps:
-  """Two-phase step: a jitted device step (loss, clipped gradients of the compute copy), then
-  the subgroup updates of the host-resident AdamW state (optim/offload.py)."""
-  dtype = model_cfg.compute_dtype
-  replicated = mesh_lib.replicated(mesh)
-  opt = offload_lib.OffloadedAdamW(config, abstract["params"], abstract["opt_state"], dtype, mesh)
-  clip = config.optim.clip_norm
-  compute_sh = shardings["params"]
-  abstract_compute = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), abstract["params"])
-
-  def grad_step(compute, step, batch):
-    (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(compute, batch)
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-               "train/tokens": count, "train/lr": lr_schedule(step)}
-    if clip > 0:  # from the whole gradient, before any subgroup update (as optax's chain does)
-      grads, _ = optax.clip_by_global_norm(clip).update(grads, optax.EmptyState())
-    return metrics, grads
-
-  grad_jit = jax.jit(grad_step, in_shardings=(compute_sh, replicated, batch_sh),
-                     out_shardings=(replicated, compute_sh))
-
-  def attach(state):
-    params, opt_state = opt.to_host(state["params"], state["opt_state"])
-    return {"step": state["step"], "params": params, "opt_state": opt_state,
-            "compute": opt.compute_copy(params, dtype)}
-
-  def train(state, batch):
-    metrics, grads = grad_jit(state["compute"], state["step"], batch)
-    params, opt_state, compute = opt.update(state["step"], grads, state["params"],
-                                            state["opt_state"])
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-            "compute": compute}, metrics
-
-  init = jax.jit(create_state, out_shardings=shardings)
-  steps = Steps(
-      graphdef=graphdef, abstract_state=abstract, state_shardings=shardings,
-      batch_sharding=batch_sh, mesh=mesh, init=lambda: attach(init()), train=train,
-      eval=jax.jit(eval_step, in_shardings=(compute_sh, batch_sh), out_shardings=replicated),
-      offload=opt, saved=lambda state: {k: state[k] for k in ("step", "params", "opt_state")},
-      attach=attach, eval_params=lambda state: state["compute"],
-      lowerable=lambda compute, batch: grad_jit.lower(
-          compute, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), batch),
-      abstract_compute=abstract_compute)
-  return steps
+                   out_shardings=replicated),
+      trace=lambda batch: train.trace(p.abstract_state, batch))
 
 
 def abstract_batch(batch_size, seq_len, sharding):

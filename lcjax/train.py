@@ -72,16 +72,13 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
             "model/tokens_per_step": tokens, "mesh": mesh_lib.describe(steps.mesh),
             "device/peak_flops": peak_flops, "device/count": steps.mesh.devices.size,
             **metrics_lib.compiled_memory(compiled)}
-  # The fp32 parameters are the master weights: with the moments, the optimizer's state.
+  # The fp32 parameters are the master weights: with the moments, the optimizer's state. A dry
+  # run's abstract state carries the shardings (memory kinds) the live one would have.
   optimizer_state = {"params": state["params"], "opt_state": state["opt_state"]}
-  if steps.offload is not None and "compute" not in state:  # dry run: where they would live
-    optimizer_state = steps.offload.abstract_host(optimizer_state)
   record.update(metrics_lib.state_bytes_by_memory_kind(optimizer_state))
   record.update(steps.describe())
-  if steps.offload is not None:
-    record.update(steps.offload.describe())
-    if "compute" in state:  # a live state, not the dry run's abstract one
-      record["optim/measured_update_s"] = steps.offload.measure_update_s(state)
+  if steps.offload is not None and "compute" in state:  # a live state, not a dry run's
+    record["optim/measured_update_s"] = steps.offload.measure_update_s(state)
   return record
 
 

@@ -84,7 +84,8 @@ def main():
     print(f"{r['case']:14s} {r['step_s']:9.4f} {r['step_s'] / base:6.2f} "
           f"{r.get('optim/measured_update_s', float('nan')):9.4f} "
           f"{r.get('optim/predicted_update_s', float('nan')):11.4f} "
-          f"{r.get('optim/device_subgroups', '-')}/{r.get('optim/subgroups', '-')}")
+          f"{len(r['optim/device_subgroups']) if 'optim/subgroups' in r else '-'}/"
+          f"{r.get('optim/subgroups', '-')}")
   if args.out:
     with open(args.out, "w") as f:
       for r in rows:

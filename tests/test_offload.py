@@ -13,7 +13,7 @@ from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import metrics as metrics_lib
 from lcjax import step as step_lib
-from lcjax.optim import perf_model
+from lcjax.optim import host_lane, perf_model
 from lcjax.train import prepare, train_and_evaluate
 from test_train import _losses, tiny_config
 
@@ -49,10 +49,14 @@ def steps_saved(state):
   return {k: state[k] for k in ("step", "params", "opt_state")}
 
 
-@pytest.mark.parametrize("update_on", ["host", "device", "alternate"])
-def test_offload_trains_like_optax_adamw_on_device(reference, update_on):
+@pytest.mark.parametrize("update_on, host_lane", [
+    ("host", "auto"), ("device", "auto"), ("alternate", "auto"),
+    ("host", "cpu_backend"),  # the accelerators' host lane, forced on CPU
+])
+def test_offload_trains_like_optax_adamw_on_device(reference, update_on, host_lane):
   ref_state, ref_losses = reference
-  steps, state, losses = _train(offload_config(update_on))
+  steps, state, losses = _train(offload_config(update_on, host_lane=host_lane))
+  assert steps.offload.host_lane_kind == ("jit" if host_lane == "auto" else host_lane)
   on_device = steps.offload.on_device
   assert len(on_device) > 3
   assert any(on_device) == (update_on != "host") and all(on_device) == (update_on == "device")
@@ -69,6 +73,67 @@ def test_offload_trains_like_optax_adamw_on_device(reference, update_on):
   record = metrics_lib.state_bytes_by_memory_kind(steps_saved(state))
   assert record["optim/state_bytes_device"] == 4  # the step counter only
   assert record["optim/state_bytes_host"] > 0
+
+
+def _transfers(jaxpr, source, target):
+  """The top-level device_put equations of `jaxpr` from one memory space to another."""
+  return [e for e in jaxpr.eqns if e.primitive.name == "device_put"
+          and all(v.aval.memory_space.name == source for v in e.invars)
+          and all(s.memory_kind == target for s in e.params["devices"])]
+
+
+def test_device_lane_moves_its_state_inside_the_step_jit():
+  c, mesh, _, model_cfg = prepare(offload_config("alternate"))
+  with jax.set_mesh(mesh):
+    steps = step_lib.build(model_cfg, c, mesh)
+    traced = steps.trace(step_lib.abstract_batch(8, 32, steps.batch_sharding))
+  opt = steps.offload
+  n_device, n_host = len(opt.device_leaves), len(opt.host_leaves)
+  assert n_device > 0 and n_host > 0
+  jaxpr = traced.jaxpr.jaxpr
+  # In: params, mu and nu of each device-lane leaf; out: those three again, each host-lane
+  # gradient, and the step and count scalars the host lanes read.
+  assert len(_transfers(jaxpr, "Host", "device")) == 3 * n_device
+  assert len(_transfers(jaxpr, "Device", "pinned_host")) == 3 * n_device + n_host + 2
+  # CPU lowers memory-space transfers to nothing; a GPU lowering carries them as custom calls.
+  cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert cuda.count('_xla_buffer_placement = "device"') >= 3 * n_device
+
+
+def test_init_and_restore_build_the_state_in_host_memory(tmp_path):
+  config = offload_config("alternate")
+  c, mesh, _, model_cfg = prepare(config)
+  with jax.set_mesh(mesh):
+    steps = step_lib.build(model_cfg, c, mesh)
+    # The init jit itself returns master params and moments in pinned_host (no device_put after).
+    out = steps.init.lower().compile().output_shardings
+    state = steps.init()
+  for kind, tree in (("pinned_host", {"p": out["params"], "o": out["opt_state"]}),
+                     ("device", out["compute"])):
+    assert {s.memory_kind for s in jax.tree.leaves(tree)} == {kind}
+  for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(out)):
+    assert a.sharding.memory_kind == s.memory_kind
+  abstract = steps.abstract_state
+  for x in jax.tree.leaves({"p": abstract["params"], "o": abstract["opt_state"]}):
+    assert x.sharding.memory_kind == "pinned_host"
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, c)
+  try:
+    checkpointer.save(0, steps.saved(state), {"next_sequence": 0}, force=True)
+    checkpointer.manager.wait_until_finished()
+    with jax.set_mesh(mesh):
+      restored, _ = checkpointer.restore(0, steps.abstract_state)
+  finally:
+    checkpointer.close()
+  for x in jax.tree.leaves({"p": restored["params"], "o": restored["opt_state"]}):
+    assert x.sharding.memory_kind == "pinned_host"  # restored there, before `attach`
+
+
+def test_cpu_backend_lane_needs_addressable_arrays():
+  class SpansProcesses:
+    is_fully_addressable = False
+
+  with pytest.raises(ValueError, match="optim.update_on='device'"):
+    host_lane.require_addressable([SpansProcesses()])
 
 
 def _direct(figures, sizes, on_device):
@@ -108,6 +173,7 @@ def test_measured_figures_and_start_record(tmp_path):
               "optim/state_bytes_host"):
     assert start[key] > 0, key
   assert start["optim/state_bytes_device"] == 0
+  assert start["optim/host_lane"] == "jit"
   assert isinstance(start["optim/device_subgroups"], list)
 
 
@@ -157,6 +223,7 @@ def test_resume_across_offload_settings(tmp_path, straight_losses, first, second
     (lambda c: c.optim.update(subgroup_mb=0.0), "optim.subgroup_mb must be > 0"),
     (lambda c: c.optim.update(update_on="gpu"), "optim.update_on must be"),
     (lambda c: c.optim.update(h2d_gbps=-1.0), "optim.h2d_gbps must be >= 0"),
+    (lambda c: c.optim.update(host_lane="gpu"), "optim.host_lane must be"),
 ])
 def test_bad_offload_config(update, message):
   c = offload_config()

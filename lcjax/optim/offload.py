@@ -7,34 +7,31 @@ after global-norm clipping), only placed in host memory, so checkpoints are inte
 The update equals optax.adamw: with g the clipped gradient, n the update count after this step,
   mu = (1-b1) g + b1 mu,  nu = (1-b2) g^2 + b2 nu,
   p  = p - lr(n-1) * ( mu/(1-b1^n) / (sqrt(nu/(1-b2^n)) + eps) + wd * mask * p ).
+
+One update in two parts (the train step, optim/offload_step.py, fuses the first with the
+backward pass):
+  `in_jit`  traced inside a jit once the clipped gradients exist: each device-lane subgroup's
+            state moves pinned_host -> device, updates, moves back; each host-lane subgroup's
+            gradients move to pinned_host. These are memory-space transfers inside one program,
+            so XLA may start a subgroup's as soon as its operands exist. On the CPU backend they
+            lower to nothing (one RAM); on GPU/TPU to annotate_device_placement custom calls.
+  `finish`  after that jit: the host lanes (optim/host_lane.py) update their subgroups, and the
+            pieces are put back together in optax's pytree layout.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcjax import optim
-from lcjax.optim import perf_model
+from lcjax.optim import host_lane, perf_model
 
 HOST, DEVICE = "pinned_host", "device"
 
 
-def _on_host(fn):
-  """`fn` traced to run on the host. On the CPU backend host memory is the device's own RAM,
-  so a plain jit over pinned_host arrays already computes there; on accelerators the body is
-  annotated with compute_on("device_host") (context-manager form, jax <= 0.11; PITFALLS.md),
-  which is unverified on a GPU in this repository."""
-  if jax.default_backend() == "cpu":
-    return fn
-  from jax.experimental.compute_on import compute_on
-
-  def on_host(*args):
-    with compute_on("device_host"):
-      return fn(*args)
-  return on_host
-
-
-def _adamw(o, lr_schedule, decay, compute_dtype, params, grads, mu, nu, step):
+def _adamw(o, lr_schedule, decay, compute_dtype, step, params, grads, mu, nu):
   """One AdamW step on lists of leaves; `step` is the update count before this step."""
   count = step + 1
   lr = lr_schedule(step)
@@ -52,6 +49,11 @@ def _adamw(o, lr_schedule, decay, compute_dtype, params, grads, mu, nu, step):
     new_mu.append(m)
     new_nu.append(v)
   return new_p, new_mu, new_nu, [p.astype(compute_dtype) for p in new_p]
+
+
+def _put(xs, shardings):
+  """Each leaf moved to its sharding (inside a jit: a memory-space transfer)."""
+  return [jax.device_put(x, s) for x, s in zip(xs, shardings)]
 
 
 def _leaf_roles(opt_state, n_params):
@@ -92,6 +94,7 @@ class OffloadedAdamW:
   def __init__(self, config, abstract_params, abstract_opt_state, compute_dtype, mesh):
     o = config.optim
     self.mesh = mesh
+    self.compute_dtype = compute_dtype
     leaves, self.params_def = jax.tree.flatten(abstract_params)
     self.opt_def = jax.tree.structure(abstract_opt_state)
     self.roles = _leaf_roles(abstract_opt_state, len(leaves))
@@ -99,24 +102,28 @@ class OffloadedAdamW:
     self.host_sh = [x.sharding.with_memory_kind(HOST) for x in leaves]
     self.scalar_device = NamedSharding(mesh, P(), memory_kind=DEVICE)
     self.scalar_host = NamedSharding(mesh, P(), memory_kind=HOST)
-    decay = jax.tree.leaves(optim.decay_mask(abstract_params))
+    self.decay = [bool(d) for d in jax.tree.leaves(optim.decay_mask(abstract_params))]
     self.param_bytes = [int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves]
     self.groups = subgroups(self.param_bytes, o.subgroup_mb)
     self.group_bytes = [sum(self.param_bytes[i] for i in g) for g in self.groups]
-    lr_schedule = optim.schedule(config.train)
-
-    def jitted(group, kind):
-      sh = [(self.host_sh if kind == HOST else self.device_sh)[i] for i in group]
-      scalar = self.scalar_host if kind == HOST else self.scalar_device
-      flags = tuple(bool(decay[i]) for i in group)
-      fn = lambda p, g, m, v, s: _adamw(o, lr_schedule, flags, compute_dtype, p, g, m, v, s)
-      fn = _on_host(fn) if kind == HOST else fn
-      return jax.jit(fn, in_shardings=(sh, sh, sh, sh, scalar), out_shardings=(sh, sh, sh, sh))
-
-    self._host_update = [jitted(g, HOST) for g in self.groups]
-    self._device_update = [jitted(g, DEVICE) for g in self.groups]
-    self.figures = self._figures(o, lr_schedule, compute_dtype)
+    self.host_lane_kind = host_lane.resolve(o.host_lane)
+    self._adamw = functools.partial(_adamw, o, optim.schedule(config.train))
+    self.figures = self._figures(o)
     self.on_device, self.predicted_s = self._placement(o.update_on)
+    self.device_leaves = [i for k, g in enumerate(self.groups) if self.on_device[k] for i in g]
+    self.host_leaves = [i for k, g in enumerate(self.groups) if not self.on_device[k] for i in g]
+    self.host_lanes = {k: self._host_lane(g) for k, g in enumerate(self.groups)
+                       if not self.on_device[k]}
+    self._update_jit = None
+
+  def _update_fn(self, group):
+    """(step, p, g, mu, nu) -> (p, mu, nu, compute copy) for the leaves of `group`."""
+    return functools.partial(self._adamw, tuple(self.decay[i] for i in group), self.compute_dtype)
+
+  def _host_lane(self, group):
+    return host_lane.make(self.host_lane_kind, self._update_fn(group),
+                          [self.host_sh[i] for i in group], [self.device_sh[i] for i in group],
+                          self.scalar_host)
 
   def _placement(self, update_on):
     n = len(self.groups)
@@ -126,7 +133,7 @@ class OffloadedAdamW:
                  "alternate": [i % 2 == 0 for i in range(n)]}[update_on]
     return on_device, perf_model.predicted_time(self.figures, self.group_bytes, on_device)
 
-  def _figures(self, o, lr_schedule, compute_dtype):
+  def _figures(self, o):
     """Configured figures; those set to 0 are measured on a probe of about one subgroup."""
     given = {"h2d_bps": o.h2d_gbps, "d2h_bps": o.d2h_gbps, "host_update_bps": o.host_update_gbps,
              "device_update_bps": o.device_update_gbps}
@@ -143,67 +150,110 @@ class OffloadedAdamW:
         lambda: jax.device_put(x_host, dev).block_until_ready())
     measured["d2h_bps"] = nbytes / perf_model.median_seconds(
         lambda: jax.device_put(x_dev, host).block_until_ready())
-    for key, sh, x, scalar in (("host_update_bps", host, x_host, self.scalar_host),
-                               ("device_update_bps", dev, x_dev, self.scalar_device)):
-      fn = lambda p, g, m, v, s: _adamw(o, lr_schedule, (True,), compute_dtype, p, g, m, v, s)
-      fn = jax.jit(_on_host(fn) if sh is host else fn, in_shardings=([sh],) * 4 + (scalar,),
-                   out_shardings=([sh],) * 4)
-      step = jax.device_put(jnp.zeros((), jnp.int32), scalar)
+    update = functools.partial(self._adamw, (True,), self.compute_dtype)
+    lane = host_lane.make(self.host_lane_kind, update, [host], [dev], self.scalar_host)
+    on_device = jax.jit(update, in_shardings=(self.scalar_device,) + ([dev],) * 4,
+                        out_shardings=([dev],) * 4)
+    for key, fn, x in (("host_update_bps", lane, x_host), ("device_update_bps", on_device, x_dev)):
+      step = jnp.zeros((), jnp.int32)
       measured[key] = 3 * nbytes / perf_model.median_seconds(
-          lambda: jax.block_until_ready(fn([x], [x], [x], [x], step)))
+          lambda: jax.block_until_ready(fn(step, [x], [x], [x], [x])))
     return perf_model.Figures(**{k: (v * 1e9 if v > 0 else measured[k]) for k, v in given.items()})
 
-  def to_host(self, params, opt_state):
-    """Places a {"params", "opt_state"} pair (from init or a checkpoint) in host memory."""
-    params = self.params_def.unflatten(
-        [jax.device_put(x, s) for x, s in zip(jax.tree.leaves(params), self.host_sh)])
-    opt = []
-    for x, (role, i) in zip(jax.tree.leaves(opt_state), self.roles):
-      opt.append(jax.device_put(x, self.scalar_host if role == "count" else self.host_sh[i]))
-    return params, self.opt_def.unflatten(opt)
+  def host_shardings(self) -> dict:
+    """Shardings of {"params", "opt_state"} as they live with offload: all in host memory."""
+    opt = [self.scalar_host if role == "count" else self.host_sh[i] for role, i in self.roles]
+    return {"params": self.params_def.unflatten(self.host_sh),
+            "opt_state": self.opt_def.unflatten(opt)}
 
-  def compute_copy(self, params_host, compute_dtype):
-    """The device's compute-dtype copy of host master parameters."""
-    return self.params_def.unflatten([
-        jax.device_put(x, s).astype(compute_dtype)
-        for x, s in zip(jax.tree.leaves(params_host), self.device_sh)])
+  def split(self, params, opt_state):
+    """(params, mu, nu) as lists of leaves in parameter order."""
+    p = jax.tree.leaves(params)
+    moments = {"mu": [None] * len(p), "nu": [None] * len(p)}
+    for x, (role, i) in zip(jax.tree.leaves(opt_state), self.roles):
+      if role != "count":
+        moments[role][i] = x
+    return p, moments["mu"], moments["nu"]
+
+  def join(self, p, mu, nu, count):
+    """The inverse of `split`, every count leaf set to `count`."""
+    moments = {"mu": mu, "nu": nu}
+    opt = [count if role == "count" else moments[role][i] for role, i in self.roles]
+    return self.params_def.unflatten(p), self.opt_def.unflatten(opt)
+
+  def by_lane(self, tree):
+    """(device-lane leaves, host-lane leaves) of a tree shaped like the parameters."""
+    xs = jax.tree.leaves(tree)
+    return [xs[i] for i in self.device_leaves], [xs[i] for i in self.host_leaves]
+
+  def from_lanes(self, device_lane, host_lane):
+    """The inverse of `by_lane`."""
+    xs = [None] * len(self.host_sh)
+    for i, x in zip(self.device_leaves + self.host_leaves, list(device_lane) + list(host_lane)):
+      xs[i] = x
+    return self.params_def.unflatten(xs)
+
+  def device_lane_state(self, params, opt_state):
+    """(params, mu, nu) of the device-lane leaves, in host memory: `in_jit`'s state argument."""
+    return tuple([xs[i] for i in self.device_leaves] for xs in self.split(params, opt_state))
+
+  def in_jit(self, step, grads, lane_state):
+    """Traced inside a jit: `grads` (clipped, per leaf, on the device) and `lane_state` (from
+    `device_lane_state`) -> what `finish` needs. `step` is the count before this update."""
+    ins = [dict(zip(self.device_leaves, xs)) for xs in lane_state]
+    new = ([], [], [], [])  # params, mu, nu (host memory), compute copy (device memory)
+    for k, group in enumerate(self.groups):
+      if not self.on_device[k]:
+        continue
+      dev, host = [self.device_sh[i] for i in group], [self.host_sh[i] for i in group]
+      p, m, v = (_put([x[i] for i in group], dev) for x in ins)
+      p, m, v, c = self._update_fn(group)(step, p, [grads[i] for i in group], m, v)
+      for out, xs in zip(new, (_put(p, host), _put(m, host), _put(v, host), c)):
+        out.extend(xs)
+    return {"state": new[:3], "compute": new[3],
+            "grads": [jax.device_put(grads[i], self.host_sh[i]) for i in self.host_leaves],
+            "step": jax.device_put(step, self.scalar_host),
+            "count": jax.device_put(step + 1, self.scalar_host)}
+
+  def in_jit_shardings(self):
+    """(shardings of `in_jit`'s lane_state argument, shardings of its result)."""
+    host = [self.host_sh[i] for i in self.device_leaves]
+    result = {"state": (host,) * 3, "compute": [self.device_sh[i] for i in self.device_leaves],
+              "grads": [self.host_sh[i] for i in self.host_leaves],
+              "step": self.scalar_host, "count": self.scalar_host}
+    return (host,) * 3, result
+
+  def finish(self, params, opt_state, out):
+    """Old (params, opt_state), `in_jit`'s result -> new (params, opt_state) in host memory and
+    the new compute copy on the device; runs the host lanes."""
+    p, mu, nu = self.split(params, opt_state)
+    compute = [None] * len(p)
+    for j, i in enumerate(self.device_leaves):
+      p[i], mu[i], nu[i], compute[i] = (xs[j] for xs in (*out["state"], out["compute"]))
+    grads = dict(zip(self.host_leaves, out["grads"]))
+    for k, lane in self.host_lanes.items():
+      group = self.groups[k]
+      new = lane(out["step"], *([xs[i] for i in group] for xs in (p, grads, mu, nu)))
+      for j, i in enumerate(group):
+        p[i], mu[i], nu[i], compute[i] = (xs[j] for xs in new)
+    params, opt_state = self.join(p, mu, nu, out["count"])
+    return params, opt_state, self.params_def.unflatten(compute)
 
   def update(self, step, grads, params, opt_state):
-    """(params, opt_state) in host memory, the clipped `grads` on the device, `step` the count
-    before this update -> (new params, new opt_state, new compute copy on the device).
-    Device-lane subgroups are dispatched first so their transfers overlap the host updates."""
-    p_all = jax.tree.leaves(params)
-    g_all = jax.tree.leaves(grads)
-    opt_leaves = jax.tree.leaves(opt_state)
-    mu_all, nu_all = [None] * len(p_all), [None] * len(p_all)
-    for x, (role, i) in zip(opt_leaves, self.roles):
-      if role == "mu":
-        mu_all[i] = x
-      elif role == "nu":
-        nu_all[i] = x
-    new_p, new_mu, new_nu, new_c = ([None] * len(p_all) for _ in range(4))
-    step_host = jax.device_put(step, self.scalar_host)
-    order = sorted(range(len(self.groups)), key=lambda k: not self.on_device[k])
-    for k in order:
-      group = self.groups[k]
-      take = lambda xs, sh: [jax.device_put(xs[i], sh[i]) for i in group]
-      if self.on_device[k]:  # stream the state through the device
-        dev = self.device_sh
-        p, m, v, c = self._device_update[k](take(p_all, dev), [g_all[i] for i in group],
-                                            take(mu_all, dev), take(nu_all, dev), step)
-        p, m, v = (take_back(xs, group, self.host_sh) for xs in (p, m, v))
-      else:  # gradients down, update on the host, compute copy up
-        p, m, v, c = self._host_update[k]([p_all[i] for i in group], take(g_all, self.host_sh),
-                                          [mu_all[i] for i in group], [nu_all[i] for i in group],
-                                          step_host)
-        c = take_back(c, group, self.device_sh)
-      for j, i in enumerate(group):
-        new_p[i], new_mu[i], new_nu[i], new_c[i] = p[j], m[j], v[j], c[j]
-    count = jax.device_put(step + 1, self.scalar_host)
-    opt = [count if role == "count" else (new_mu if role == "mu" else new_nu)[i]
-           for role, i in self.roles]
-    return (self.params_def.unflatten(new_p), self.opt_def.unflatten(opt),
-            self.params_def.unflatten(new_c))
+    """The update alone (no backward pass): `in_jit` in a jit of its own, then `finish`."""
+    if self._update_jit is None:
+      lane_sh, out_sh = self.in_jit_shardings()
+      self._update_jit = jax.jit(self.in_jit, out_shardings=out_sh,
+                                 in_shardings=(self.scalar_device, self.device_sh, lane_sh))
+    out = self._update_jit(step, jax.tree.leaves(grads), self.device_lane_state(params, opt_state))
+    return self.finish(params, opt_state, out)
+
+  def compute_copy(self, params_host):
+    """The device's compute-dtype copy of host master parameters (moved in, then cast)."""
+    cast = lambda ps: [jax.device_put(x, s).astype(self.compute_dtype)
+                       for x, s in zip(ps, self.device_sh)]
+    copy = jax.jit(cast, in_shardings=(self.host_sh,), out_shardings=self.device_sh)
+    return self.params_def.unflatten(copy(jax.tree.leaves(params_host)))
 
   def measure_update_s(self, state, repeats: int = 3) -> float:
     """Median wall time of one whole offloaded update on the live state (its result discarded)."""
@@ -211,25 +261,13 @@ class OffloadedAdamW:
     return perf_model.median_seconds(lambda: jax.block_until_ready(
         self.update(state["step"], grads, state["params"], state["opt_state"])), repeats)
 
-  def abstract_host(self, abstract_state):
-    """The abstract {"params", "opt_state"} as they live with offload (dry run's start record)."""
-    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    params = [place(x, s) for x, s in zip(jax.tree.leaves(abstract_state["params"]), self.host_sh)]
-    opt = [place(x, self.scalar_host if role == "count" else self.host_sh[i])
-           for x, (role, i) in zip(jax.tree.leaves(abstract_state["opt_state"]), self.roles)]
-    return {"params": self.params_def.unflatten(params), "opt_state": self.opt_def.unflatten(opt)}
-
   def describe(self) -> dict:
     """The performance model's inputs, its choice and prediction, for the start record."""
     f = self.figures
     return {"optim/h2d_gbps": f.h2d_bps / 1e9, "optim/d2h_gbps": f.d2h_bps / 1e9,
             "optim/host_update_gbps": f.host_update_bps / 1e9,
             "optim/device_update_gbps": f.device_update_bps / 1e9,
-            "optim/subgroups": len(self.groups), "optim/subgroup_bytes": self.group_bytes,
+            "optim/host_lane": self.host_lane_kind, "optim/subgroups": len(self.groups),
+            "optim/subgroup_bytes": self.group_bytes,
             "optim/device_subgroups": [k for k, d in enumerate(self.on_device) if d],
             "optim/predicted_update_s": self.predicted_s}
-
-
-def take_back(xs, group, shardings):
-  """Leaves of one subgroup (in group order) moved to the given per-leaf shardings."""
-  return [jax.device_put(x, shardings[i]) for x, i in zip(xs, group)]

@@ -163,12 +163,13 @@ def build(parts, config, mesh):
             "outer/bytes_data_parallel_per_step": per_data_parallel_step}
 
   batch_sh = parts.batch_sharding
+  train = jax.jit(train_step, in_shardings=(shardings, batch_sh),
+                  out_shardings=(shardings, replicated), donate_argnums=0)
   return step_lib.Steps(
       graphdef=parts.graphdef, abstract_state=abstract, state_shardings=shardings,
       batch_sharding=batch_sh, mesh=mesh,
-      init=jax.jit(create_state, out_shardings=shardings),
-      train=jax.jit(train_step, in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, replicated), donate_argnums=0),
+      init=jax.jit(create_state, out_shardings=shardings), train=train,
+      trace=lambda batch: train.trace(abstract, batch),
       eval=jax.jit(parts.eval_step, in_shardings=(sh["params"], batch_sh),
                    out_shardings=replicated),
       eval_params=lambda state: state["outer"]["params"], describe=describe, annotate=annotate)
