@@ -22,6 +22,23 @@ def _lookup(config_dict, dotted):
   return value
 
 
+def restore_other(workdir, abstract_state, step=0):
+  """(step, state, data position) of checkpoint `step` (0: the latest) in another run's
+  workdir, read only."""
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  saved = manager.all_steps() if directory.is_dir() else []
+  step = step or max(saved, default=None)
+  if step not in saved:
+    raise ValueError(f"{directory} holds no checkpoint of step {step} to start from (it has "
+                     f"{sorted(saved)}); train the plain run first or fix outer.init_from / "
+                     "outer.init_step")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  manager.close()
+  return step, restored["state"], restored["data"]
+
+
 class Checkpointer:
   def __init__(self, workdir, config):
     self.workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths

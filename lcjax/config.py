@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.nesterov = True         # sgd: Nesterov momentum
   c.outer.compression = "float32"  # outer gradient on the wire: float32 | bfloat16 | int8 | int4
   c.outer.drop_replicas = ""      # fault drill: "r@k,..." leaves island r out of outer step k (1-based)
+  c.outer.init_from = ""          # workdir of a plain run (same model and data): its latest checkpoint
+                                  # starts every island and theta, and the run goes on from its step
+  c.outer.init_step = 0           # the checkpoint step of init_from to start from; 0 = its latest
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
@@ -131,6 +134,8 @@ def _check_outer(full):
   u = full.outer
   _require(u.kind in ("none", "diloco"), f"outer.kind must be none or diloco; got {u.kind!r}")
   if u.kind == "none":
+    _require(not u.init_from, "outer.init_from starts DiLoCo islands from a plain run; it needs "
+             "outer.kind='diloco'")
     return
   _require(u.inner_steps > 0, f"outer.inner_steps must be > 0; got {u.inner_steps}")
   _require(u.optimizer in ("sgd", "adam"), f"outer.optimizer must be sgd or adam; got {u.optimizer!r}")

@@ -65,6 +65,8 @@ class Steps:
   eval_params: callable = lambda state: state["params"]  # what evaluation and sampling use
   describe: callable = lambda: {}          # extra fields of the start record
   annotate: callable = lambda step, record: record  # host-side fields added to a train record
+  # DiLoCo: (abstract plain state, plain state -> this state) to start from a plain run
+  from_plain: tuple | None = None
   # With optim.offload the live state also holds "compute" (the device's compute-dtype copy of
   # the parameters) and keeps params/opt_state in host memory; `saved` drops "compute" for a
   # checkpoint (the same layout either way) and `attach` completes a restored state.

@@ -82,6 +82,14 @@ def _start_record(steps, model_cfg, config, compiled, state, peak_flops):
   return record
 
 
+def _start_from_plain_run(steps, workdir, step=0):
+  """DiLoCo's warm start: a plain run's checkpoint (0: its latest) becomes every island's state."""
+  abstract_plain, convert = steps.from_plain
+  step, state, position = checkpoint_lib.restore_other(workdir, abstract_plain, step)
+  print(f"[lcjax] every island starts from step {step} of {workdir}")
+  return convert(state), position["next_sequence"]
+
+
 def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics."""
   config, mesh, datasets, model_cfg = prepare(config)
@@ -101,7 +109,10 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
         record = _start_record(steps, model_cfg, config, compiled, steps.abstract_state, peak)
         writer.write(latest or 0, {"dry_run": True, **record})
         return record
-      if latest is None:
+      if latest is None and config.outer.init_from:
+        state, next_sequence = _start_from_plain_run(steps, config.outer.init_from,
+                                                     config.outer.init_step)
+      elif latest is None:
         state, next_sequence = steps.init(), 0
       else:
         state, position = checkpointer.restore(latest, steps.abstract_state)

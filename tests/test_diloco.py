@@ -12,7 +12,9 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
+from lcjax import train as train_lib
 from lcjax import mesh as mesh_lib
 from lcjax import step as step_lib
 from lcjax.outer import compression, diloco
@@ -240,7 +242,6 @@ def test_resume_mid_round_is_exact_and_records_outer_metrics(tmp_path):
   config = _diloco_config(inner_steps=4, compression="int8")  # checkpoints at 3 and 6: mid-round
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train_and_evaluate(config, straight)
-  from lcjax import train as train_lib
   original = train_lib.evaluate
   calls = []
 
@@ -308,3 +309,45 @@ def test_offload_with_diloco_is_refused():
   c.optim.offload = True
   with pytest.raises(ValueError, match="not supported"):
     config_lib.validate(c)
+
+
+def test_islands_start_from_a_plain_run(tmp_path):
+  plain = tiny_config()
+  plain.mesh.update(data=8, fsdp=1)
+  plain.checkpoint.every = 3
+  train_and_evaluate(plain, tmp_path / "plain")  # 6 steps, checkpoints at 3 and 6
+  continued = _diloco_config(inner_steps=2, init_from=str(tmp_path / "plain"))
+  continued.train.update(steps=8)
+  c, mesh, _, model_cfg = prepare(continued)
+  with jax.set_mesh(mesh):
+    steps = step_lib.build(model_cfg, c, mesh)
+    state, next_sequence = train_lib._start_from_plain_run(steps, tmp_path / "plain")
+    _, saved, position = checkpoint_lib.restore_other(tmp_path / "plain", steps.from_plain[0])
+  state, saved = jax.device_get((state, saved))
+  assert int(state["step"]) == 6 and next_sequence == position["next_sequence"] == 48
+  for theta, islands, p in zip(jax.tree.leaves(state["outer"]["params"]),
+                               jax.tree.leaves(state["params"]), jax.tree.leaves(saved["params"])):
+    np.testing.assert_array_equal(theta, p)
+    np.testing.assert_array_equal(islands, np.stack([p, p]))
+  for islands, m in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(saved["opt_state"])):
+    np.testing.assert_array_equal(islands, np.stack([m, m]))
+  train_and_evaluate(continued, tmp_path / "diloco")
+  records = _records(tmp_path / "diloco")
+  assert sorted(_losses(tmp_path / "diloco")) == [7, 8]
+  assert [r["outer/step"] for r in records if "train/loss" in r] == [0, 1]
+
+
+def test_init_from_needs_diloco_and_a_checkpoint(tmp_path):
+  c = tiny_config()
+  c.outer.init_from = str(tmp_path)
+  with pytest.raises(ValueError, match="needs outer.kind='diloco'"):
+    config_lib.validate(c)
+  with pytest.raises(ValueError, match="holds no checkpoint"):
+    train_and_evaluate(_diloco_config(init_from=str(tmp_path / "missing")), tmp_path / "run")
+  plain = tiny_config()
+  plain.mesh.update(data=8, fsdp=1)
+  plain.train.steps = 3
+  train_and_evaluate(plain, tmp_path / "plain")  # one checkpoint: step 3
+  with pytest.raises(ValueError, match=r"no checkpoint of step 2 .*\[3\]"):
+    train_and_evaluate(_diloco_config(init_from=str(tmp_path / "plain"), init_step=2),
+                       tmp_path / "run2")

@@ -87,7 +87,10 @@ def build(parts, config, mesh):
   sh = parts.state_shardings
 
   def create_state():
-    base = parts.create_state()
+    return from_plain(parts.create_state())
+
+  def from_plain(base):
+    """Every island and theta start from one plain state {"step", "params", "opt_state"}."""
     stack = lambda x: jnp.broadcast_to(x, (R,) + x.shape)
     return {"step": base["step"], "params": jax.tree.map(stack, base["params"]),
             "opt_state": jax.tree.map(stack, base["opt_state"]),
@@ -172,5 +175,6 @@ def build(parts, config, mesh):
       trace=lambda batch: train.trace(abstract, batch),
       eval=jax.jit(parts.eval_step, in_shardings=(sh["params"], batch_sh),
                    out_shardings=replicated),
-      eval_params=lambda state: state["outer"]["params"], describe=describe, annotate=annotate)
+      eval_params=lambda state: state["outer"]["params"], describe=describe, annotate=annotate,
+      from_plain=(parts.abstract_state, jax.jit(from_plain, out_shardings=shardings)))
 
