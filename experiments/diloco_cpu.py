@@ -9,6 +9,8 @@ the token-weighted average of their pseudo-gradients).
 Measured (2026-11-22, 2-core CPU machine, other jobs running; docs/diloco.md): 300 steps take
 about 70-90 s; at 1000 steps (--config.train.steps=1000) the shared parameters reach a held-out
 loss of 1.675 at H=50, against 1.216 for data parallelism on the same tokens, with 1/50 of its
+bytes; started from the data-parallel run's step-500 checkpoint (--config.outer.init_from=DIR
+--config.outer.init_step=500) it ends at 1.228, 1.0% above, its DiLoCo half sending 1/50 of the
 bytes. Expect the eval loss to stay at its initial value until the first sync (step 50).
 
 Variants: --config.outer.inner_steps=10, --config.outer.compression=int4,

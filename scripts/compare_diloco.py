@@ -87,29 +87,34 @@ def main():
     (workdir / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}")
   results = {name: read(_workdir(args, name)) for name in variants(args.steps, args.workdir)
              if (_workdir(args, name) / "wall_s.txt").exists()}
-  report(results, args)
+  report(results, variants(args.steps, args.workdir), args)
 
 
 def _workdir(args, name):
   return pathlib.Path(args.workdir) / name.replace(" ", "_").replace("=", "")
 
 
-def report(results, args):
+def report(results, variants_run, args):
+  """Bytes compare each run with data parallelism over the steps it ran as DiLoCo (a warm-started
+  run's first half was data parallelism itself)."""
   dp_per_step = next((r["start"]["outer/bytes_data_parallel_per_step"] for r in results.values()
                       if "outer/bytes_data_parallel_per_step" in r["start"]), None)
   dp_loss = results.get("data parallel", {}).get("curve", [(0, None)])[-1][1]
-  print("| run | held-out loss | vs data parallel | bytes per island | vs data parallel | wall s |")
-  print("|---|---|---|---|---|---|")
+  print("| run | held-out loss | vs data parallel | DiLoCo steps | bytes per island in them | "
+        "vs data parallel | wall s |")
+  print("|---|---|---|---|---|---|---|")
   for name, r in results.items():
     loss = r["curve"][-1][1]
     rel = f"{100 * (loss / dp_loss - 1):+.1f}%" if dp_loss else ""
     sent = r["last_train"].get("outer/bytes_communicated")
-    dp_bytes = args.steps * dp_per_step if dp_per_step else None
+    own_steps = args.steps - variants_run[name]["outer"].get("init_step", 0)
+    dp_bytes = own_steps * dp_per_step if dp_per_step else None
     if name == "data parallel":
       sent = dp_bytes
     ratio = f"1/{dp_bytes / sent:.0f}" if sent and dp_bytes else ""
-    print(f"| {name} | {loss:.4f} | {rel} | {sent if sent is not None else '-'} | {ratio} | "
-          f"{r['wall_s']:.0f} |")
+    diloco_steps = own_steps if sent is not None and name != "data parallel" else "-"
+    print(f"| {name} | {loss:.4f} | {rel} | {diloco_steps} | {sent if sent is not None else '-'} | "
+          f"{ratio} | {r['wall_s']:.0f} |")
   pathlib.Path(args.out).write_text(json.dumps(
       {name: {"curve": r["curve"], "bytes": r["last_train"].get("outer/bytes_communicated"),
               "wall_s": r["wall_s"]} for name, r in results.items()}, indent=1))
