@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 # Sections whose change makes an old checkpoint meaningless for the new run.
 _MUST_MATCH = ("model", "data.source", "data.paths", "data.tokenizer", "data.tokenizer_path",
                "optim.name")
+_MUST_MATCH_DILOCO = ("outer.kind", "outer.optimizer", "mesh.replica")
 
 
 def _lookup(config_dict, dotted):
@@ -22,21 +23,34 @@ def _lookup(config_dict, dotted):
   return value
 
 
+def _restore(manager, step, abstract_state, directory):
+  """(state, data position) of a saved step, placed as `abstract_state`'s shardings say."""
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many kinds; all mean the same to the user
+    raise ValueError(
+        f"checkpoint {directory / str(step)} cannot be restored "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete that step's directory "
+        "to resume from an earlier one, or use a new --workdir") from None
+  return restored["state"], restored["data"]
+
+
 def restore_other(workdir, abstract_state, step=0):
   """(step, state, data position) of checkpoint `step` (0: the latest) in another run's
   workdir, read only."""
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-  saved = manager.all_steps() if directory.is_dir() else []
-  step = step or max(saved, default=None)
-  if step not in saved:
-    raise ValueError(f"{directory} holds no checkpoint of step {step} to start from (it has "
-                     f"{sorted(saved)}); train the plain run first or fix outer.init_from / "
-                     "outer.init_step")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  manager.close()
-  return step, restored["state"], restored["data"]
+  try:
+    saved = manager.all_steps() if directory.is_dir() else []
+    step = step or max(saved, default=None)
+    if step not in saved:
+      raise ValueError(f"{directory} holds no checkpoint of step {step} to start from (it has "
+                       f"{sorted(saved)}); train the plain run first or fix outer.init_from / "
+                       "outer.init_step")
+    return (step, *_restore(manager, step, abstract_state, directory))
+  finally:
+    manager.close()
 
 
 class Checkpointer:
@@ -65,10 +79,8 @@ class Checkpointer:
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is corrupt ({e.msg}); use a new --workdir") from None
     must_match = _MUST_MATCH
-    if config_dict.get("outer", {}).get("kind", "none") != "none":  # the state has one copy per island
-      must_match += ("outer.kind", "outer.optimizer", "mesh.replica")
-    elif _lookup(saved, "outer.kind") not in (None, "none"):
-      must_match += ("outer.kind",)
+    if "diloco" in (_lookup(saved, "outer.kind"), _lookup(config_dict, "outer.kind")):
+      must_match += _MUST_MATCH_DILOCO  # the state holds one copy per island
     for key in must_match:
       if _lookup(saved, key) != _lookup(config_dict, key):
         raise ValueError(
@@ -81,15 +93,7 @@ class Checkpointer:
 
   def restore(self, step, abstract_state):
     """(state, data position) of a saved step, placed as `abstract_state`'s shardings say."""
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many kinds; all mean the same to the user
-      raise ValueError(
-          f"checkpoint {self.workdir / 'checkpoints' / str(step)} cannot be restored "
-          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete that step's directory "
-          "to resume from an earlier one, or use a new --workdir") from None
-    return restored["state"], restored["data"]
+    return _restore(self.manager, step, abstract_state, self.workdir / "checkpoints")
 
   def save(self, step, state, data_position: dict, *, force=False):
     return self.manager.save(step, force=force, args=ocp.args.Composite(

@@ -161,8 +161,9 @@ def test_quantize_round_trip_within_half_a_step(fmt):
   err = np.abs(np.asarray(back - x))
   if fmt == "float32":
     assert err.max() == 0
-  elif fmt == "bfloat16":
-    assert err.max() <= np.abs(np.asarray(x)).max() * 2 ** -8
+  elif fmt == "bfloat16":  # round to nearest: relative error at most the unit roundoff 2^-8
+    assert np.all(err <= np.abs(np.asarray(x)) * 2 ** -8)
+    assert err.max() > 0
   else:
     level = {"int8": 127, "int4": 7}[fmt]
     step = np.abs(np.asarray(x)).max() / level
@@ -188,16 +189,18 @@ def test_compressed_weighted_sum_over_islands(fmt):
   exact = np.einsum("r,rij->ij", w, x)
   for r in range(R):  # every island holds the same sum
     np.testing.assert_array_equal(got[r], got[0])
-  err = np.abs(got[0] - exact).max()
-  if fmt == "float32":
-    assert err < 1e-6
+  err = np.abs(got[0] - exact)  # bounds per element: phase 1 (each island's terms), then
+  if fmt == "float32":           # phase 2 (the partial sum, which phase 1 may have grown)
+    assert err.max() < 1e-6
   elif fmt == "bfloat16":
-    assert err < 2 * 2 ** -8 * np.abs(x).max()
+    phase1 = np.abs(w[:, None, None] * x).sum(0) * 2 ** -8
+    assert np.all(err <= (phase1 + (np.abs(exact) + phase1) * 2 ** -8) * (1 + 1e-5))
   else:
     level = {"int8": 127, "int4": 7}[fmt]
     phase1 = sum(np.abs(w[r] * x[r]).max() / level / 2 for r in range(R))
-    phase2 = np.abs(exact).max() * (1 + 1e-2) / level / 2 + phase1 / level
-    assert err <= phase1 + phase2
+    phase2 = (np.abs(exact).max() + phase1) / level / 2
+    assert err.max() <= (phase1 + phase2) * (1 + 1e-5)
+  assert fmt == "float32" or err.max() > 0  # the others really are compressed
   sent = compression.bytes_sent([35], fmt, R)
   bits = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}[fmt]
   assert sent == 2 * (R - 1) * (10 * bits // 8 + (4 if bits < 16 else 0))  # chunks of 10
