@@ -8,6 +8,8 @@ import ml_collections
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
 MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
+COMPRESSION_FORMATS = ("float32", "bfloat16", "int8", "int4")  # outer/compression.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -113,6 +115,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_drops(spec: str, replicas: int) -> dict:
+  """outer.drop_replicas, "r@k,r@k,...": island r is left out of outer step k (counted from 1)
+  -> {k: {r, ...}}; ValueError naming the bad entry."""
+  drops = {}
+  for entry in filter(None, (e.strip() for e in spec.split(","))):
+    try:
+      replica, step = (int(v) for v in entry.split("@"))
+    except ValueError:
+      raise ValueError(f"outer.drop_replicas entry {entry!r} must read REPLICA@OUTER_STEP, "
+                       "e.g. '1@2' leaves island 1 out of the second sync") from None
+    if not 0 <= replica < replicas or step < 1:
+      raise ValueError(f"outer.drop_replicas entry {entry!r}: the island must be in "
+                       f"[0, {replicas}) (mesh.replica={replicas}) and the outer step >= 1")
+    drops.setdefault(step, set()).add(replica)
+  for step, dropped in drops.items():
+    if len(dropped) == replicas:
+      raise ValueError(f"outer.drop_replicas leaves every island out of outer step {step}; "
+                       "keep at least one")
+  return drops
+
+
 def _check_keys(config, reference, prefix=""):
   for key in config.keys():
     name = f"{prefix}{key}"
@@ -141,12 +164,13 @@ def _check_outer(full):
   _require(u.optimizer in ("sgd", "adam"), f"outer.optimizer must be sgd or adam; got {u.optimizer!r}")
   _require(u.lr > 0, f"outer.lr must be > 0; got {u.lr}")
   _require(0 <= u.momentum < 1, f"outer.momentum must be in [0, 1); got {u.momentum}")
-  from lcjax.outer import compression, diloco  # imported here: config stays importable without JAX
-  _require(u.compression in compression.FORMATS,
-           f"outer.compression must be one of {compression.FORMATS}; got {u.compression!r}")
-  diloco.parse_drops(u.drop_replicas, full.mesh.replica)
-  _require(not full.optim.offload, "outer.kind='diloco' with optim.offload=True is not supported; "
-           "turn one of them off")
+  _require(u.compression in COMPRESSION_FORMATS,
+           f"outer.compression must be one of {COMPRESSION_FORMATS}; got {u.compression!r}")
+  parse_drops(u.drop_replicas, full.mesh.replica)
+  _require(not full.optim.offload or full.optim.update_on in ("auto", "device"),
+           f"optim.update_on={full.optim.update_on!r} puts subgroups on host lanes, which run "
+           "outside the step; inside outer.kind='diloco' islands every subgroup streams through "
+           "the device: set optim.update_on='device' (or 'auto')")
 
 
 def validate(config) -> ml_collections.ConfigDict:
@@ -175,6 +199,8 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}; got {m.dtype!r}")
   _require(m.remat in REMAT_POLICIES,
            f"model.remat must be one of {REMAT_POLICIES}; got {m.remat!r}")
+  _require(m.attention in ATTENTION_IMPLEMENTATIONS,
+           f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}; got {m.attention!r}")
   _require(m.sliding_window >= 0, f"model.sliding_window must be >= 0; got {m.sliding_window}")
   for key in ("mlp_chunks", "loss_chunks"):
     _require(m[key] <= t.seq_len, f"model.{key} ({m[key]}) exceeds the {t.seq_len} tokens of a "

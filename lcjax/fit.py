@@ -9,11 +9,9 @@ import math
 
 import jax
 
-from lcjax import config as config_lib
-from lcjax import mesh as mesh_lib
-from lcjax import step as step_lib
-from lcjax.data.tokenizers import make_tokenizer
-from lcjax.model import ModelConfig
+from lcjax import parts as parts_lib
+from lcjax import program as program_lib
+from lcjax.train import prepare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +38,14 @@ def mst_chunks(model_config) -> dict:
 
 def step_memory(config, seq_len: int, devices=None) -> StepMemory:
   """Compiled per-device memory of the training step of `config` at `seq_len` tokens."""
-  config = config_lib.validate(with_overrides(config, {"train.seq_len": seq_len}))
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  tokenizer = make_tokenizer(config.data)
-  model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
-  with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, config, mesh)
-    batch = step_lib.abstract_batch(config.train.batch_size, seq_len, steps.batch_sharding)
-    mem = steps.train.lower(steps.abstract_state, batch).compile().memory_analysis()
+  prepared = prepare(with_overrides(config, {"train.seq_len": seq_len}), with_data=False,
+                     devices=devices)
+  with jax.set_mesh(prepared.mesh):
+    program = program_lib.build(prepared, aot=True)
+    batch = parts_lib.abstract_batch(prepared.config.train.batch_size, seq_len,
+                                     program.batch_sharding)
+    _, compiled = program.compile(batch)
+    mem = compiled.memory_analysis()
   return StepMemory(seq_len, mem.argument_size_in_bytes, mem.temp_size_in_bytes,
                     mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.host_temp_size_in_bytes)
 

@@ -26,6 +26,7 @@ LOGICAL_RULES = {
     "head_dim": None,
     "norm": None,          # RMSNorm scales: small, replicated
     "layers": None,        # the stacked-blocks dimension of a level
+    "islands": ("replica",),  # the outer loop's per-island copies (DiLoCo), or paths (DiPaCo)
 }
 
 
@@ -70,6 +71,17 @@ def logical_spec(shape, logical_axes, mesh) -> P:
     else:
       spec.append(axes if len(axes) > 1 else axes[0])
   return P(*spec)
+
+
+def unshardable_dims(shape, logical_axes, mesh) -> list:
+  """(dimension, logical name, mesh axes) of each dim whose rule names mesh axes it cannot be
+  split over (its size is not a multiple of their product)."""
+  out = []
+  for dim, (size, name) in enumerate(zip(shape, logical_axes)):
+    axes = _mesh_axes_for(name, mesh)
+    if axes and size % math.prod(mesh.shape[a] for a in axes):
+      out.append((dim, name, axes))
+  return out
 
 
 def logical_sharding(shape, logical_axes, mesh) -> NamedSharding:

@@ -51,34 +51,32 @@ def generate(model_cfg, mesh, params, tokenizer, prompt: str, num_tokens: int, *
 
 
 def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: float) -> str:
-  """Loads DIR/config.json and the latest checkpoint onto the local devices, then samples."""
+  """Samples from the latest checkpoint of DIR: the parameters its evaluation uses (the shared
+  ones of an outer loop), read alone onto this machine's devices, whatever mesh trained them."""
   from lcjax import checkpoint as checkpoint_lib
-  from lcjax import config as config_lib
-  from lcjax import step as step_lib
-  from lcjax.data.tokenizers import make_tokenizer
-  from lcjax.model import ModelConfig
-  from lcjax import mesh as mesh_lib
+  from lcjax import program as program_lib
+  from lcjax import train as train_lib
 
   config_path = pathlib.Path(workdir) / "config.json"
   if not config_path.exists():
     raise ValueError(f"{config_path} not found; --workdir must be a directory that lcjax trained in")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  config.mesh = ml_collections.ConfigDict({a: 1 for a in mesh_lib.AXES} | {"data": -1})
-  config = config_lib.validate(config)
-  tokenizer = make_tokenizer(config.data)
-  model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise ValueError(f"{workdir} has no checkpoint yet; train first")
-  with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, config, mesh)
-    state, _ = checkpointer.restore(step, steps.abstract_state)
-    text = generate(model_cfg, mesh, state["params"], tokenizer, prompt, num_tokens,
-                    context=config.train.seq_len, temperature=temperature)
-  checkpointer.close()
-  return text
+  local_mesh = ml_collections.ConfigDict(
+      {"replica": 1, "data": -1, "fsdp": 1, "ring": 1, "ulysses": 1, "tensor": 1})
+  config.train.batch_size = jax.device_count()  # the batch plays no part in sampling
+  prepared = train_lib.prepare(config, with_data=False, mesh_config=local_mesh)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, prepared.config, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir} has no checkpoint yet; train first")
+    with jax.set_mesh(prepared.mesh):
+      program = program_lib.build(prepared, aot=True)
+      params = program.restore_model_params(checkpointer, step)
+      return generate(prepared.model_cfg, prepared.mesh, params, prepared.tokenizer, prompt,
+                      num_tokens, context=config.train.seq_len, temperature=temperature)
+  finally:
+    checkpointer.close()
 
 
 def main():

@@ -16,10 +16,11 @@ from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import train as train_lib
 from lcjax import mesh as mesh_lib
-from lcjax import step as step_lib
+from lcjax import parts as parts_lib
+from lcjax import program as program_lib
 from lcjax.outer import compression, diloco
 from lcjax.train import prepare, train_and_evaluate
-from test_train import _losses, tiny_config
+from conftest import read_losses as _losses, scratch_program, tiny_config
 
 DIM = 6
 

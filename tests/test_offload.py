@@ -12,10 +12,11 @@ import pytest
 from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import metrics as metrics_lib
-from lcjax import step as step_lib
+from lcjax import parts as parts_lib
+from lcjax import program as program_lib
 from lcjax.optim import host_lane, perf_model
 from lcjax.train import prepare, train_and_evaluate
-from test_train import _losses, tiny_config
+from conftest import read_losses as _losses, scratch_program, tiny_config
 
 FIGURES = dict(h2d_gbps=10.0, d2h_gbps=10.0, host_update_gbps=1.0, device_update_gbps=100.0)
 

@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 
 from lcjax import config as config_lib
-from lcjax import step as step_lib
+from lcjax import parts as parts_lib
+from lcjax import program as program_lib
 from lcjax.train import prepare, train_and_evaluate
-from test_train import _losses, tiny_config
+from conftest import read_losses as _losses, scratch_program, tiny_config
 
 
 def sp_config(strategy="usp", layout="zigzag", ring=2, ulysses=2):

@@ -11,27 +11,11 @@ import numpy as np
 import pytest
 
 from lcjax import config as config_lib
-from lcjax import step as step_lib
+from lcjax import parts as parts_lib
 from lcjax.train import prepare, train_and_evaluate
+from conftest import read_losses as _losses, scratch_program, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(**mesh):
-  c = config_lib.base_config()
-  c.train.update(steps=6, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3,
-                 eval_batches=1, log_every=1, sample_prompt="", peak_flops=1e9)
-  c.checkpoint.update(every=3, keep=5)
-  c.mesh.update(data=2, fsdp=4, **mesh) if mesh else c.mesh.update(data=2, fsdp=4)
-  c.model.update(num_layers=2, num_levels=1, embed_dim=32, num_heads=4, num_kv_heads=2,
-                 head_dim=8, mlp_dim=64)
-  c.data.max_documents = 30
-  return c
-
-
-def _losses(workdir):
-  records = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 def test_overfits_a_fixed_batch():
@@ -39,12 +23,11 @@ def test_overfits_a_fixed_batch():
   c.train.update(steps=80, lr=1e-2, warmup_steps=5)
   c, mesh, ds, model_cfg = prepare(c)
   with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, c, mesh)
-    state = steps.init()
-    batch = step_lib.device_batch(ds.train_batch(0, 8), steps.batch_sharding)
+    program, _, state = scratch_program(c)
+    batch = parts_lib.device_batch(ds.train_batch(0, 8), program.batch_sharding)
     losses = []
     for _ in range(80):
-      state, m = steps.train(state, batch)
+      state, m = program.step(state, batch)
       losses.append(float(m["train/loss"]))
   assert losses[0] > 5.0  # about log(384) at init
   assert losses[-1] < 0.35 * losses[0], losses[::10]

@@ -5,16 +5,16 @@ from flax import nnx
 
 from lcjax import ops
 from lcjax.model.config import ModelConfig
-from lcjax.model.layers import _init, apply_rope, rope_frequencies
+from lcjax.model.layers import Param, _init, apply_rope, rope_frequencies
 
 
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     E, H, K, D = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.wq = nnx.Param(_init(rngs, (E, H, D), (0,)), logical_axes=("embed", "heads", "head_dim"))
-    self.wk = nnx.Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
-    self.wv = nnx.Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
-    self.wo = nnx.Param(_init(rngs, (H, D, E), (0, 1), 1 / (2 * cfg.num_layers) ** 0.5),
+    self.wq = Param(_init(rngs, (E, H, D), (0,)), logical_axes=("embed", "heads", "head_dim"))
+    self.wk = Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
+    self.wv = Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
+    self.wo = Param(_init(rngs, (H, D, E), (0, 1), 1 / (2 * cfg.num_layers) ** 0.5),
                         logical_axes=("heads", "head_dim", "embed"))
     self.cfg = cfg
 

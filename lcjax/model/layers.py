@@ -5,7 +5,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcjax import mesh as mesh_lib
 from lcjax.model.config import ModelConfig
+
+
+class Param(nnx.Param):
+  """A parameter declaring a logical axis name per dimension (state_spec.py reads them). nnx.vmap
+  with transform_metadata={nnx.PARTITION_NAME: name} adds the stacked axis's name."""
+
+  def __init__(self, value, logical_axes: tuple, **metadata):
+    super().__init__(value, logical_axes=tuple(logical_axes), **metadata)
+
+  def add_axis(self, axis_index, axis_name):
+    axes = list(self.get_metadata()["logical_axes"])
+    axes.insert(axis_index, axis_name)
+    self.set_metadata("logical_axes", tuple(axes))
+
+  def remove_axis(self, axis_index, axis_name):
+    axes = list(self.get_metadata()["logical_axes"])
+    assert axes.pop(axis_index) == axis_name
+    self.set_metadata("logical_axes", tuple(axes))
 
 
 def _init(rngs, shape, fan_in_axes, std_scale=1.0):
@@ -17,7 +36,7 @@ def _init(rngs, shape, fan_in_axes, std_scale=1.0):
 
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+    self.scale = Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
     self.eps = eps
 
   def __call__(self, x):
@@ -58,9 +77,9 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     E, F = cfg.embed_dim, cfg.mlp_dim
-    self.w_gate = nnx.Param(_init(rngs, (E, F), (0,)), logical_axes=("embed", "mlp"))
-    self.w_up = nnx.Param(_init(rngs, (E, F), (0,)), logical_axes=("embed", "mlp"))
-    self.w_down = nnx.Param(_init(rngs, (F, E), (0,), 1 / math.sqrt(2 * cfg.num_layers)),
+    self.w_gate = Param(_init(rngs, (E, F), (0,)), logical_axes=("embed", "mlp"))
+    self.w_up = Param(_init(rngs, (E, F), (0,)), logical_axes=("embed", "mlp"))
+    self.w_down = Param(_init(rngs, (F, E), (0,), 1 / math.sqrt(2 * cfg.num_layers)),
                             logical_axes=("mlp", "embed"))
     self.dtype = cfg.compute_dtype
 
@@ -73,10 +92,14 @@ class Mlp(nnx.Module):
 
 class Embed(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(
+    self.embedding = Param(
         0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.embed_dim), jnp.float32),
         logical_axes=("vocab", "embed"))
     self.dtype = cfg.compute_dtype
 
   def __call__(self, tokens_BT):
-    return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+    # The lookup reads whole rows: gather the table's width (fsdp) first, explicitly, or the
+    # SPMD partitioner rematerialises the whole table and says so ("Involuntary full
+    # rematerialization") on fsdp meshes.
+    table_VE = mesh_lib.constrain(self.embedding[...], ("vocab", None))
+    return jnp.take(table_VE, tokens_BT, axis=0).astype(self.dtype)

@@ -10,6 +10,8 @@ devices in contiguous blocks, a strided chunk takes the same number of tokens fr
 so chunking needs no communication. T need not divide by M: the tail is padded with zeros (for
 the MLP) or masked tokens (for the loss), which contribute nothing.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -46,7 +48,7 @@ def chunked_mlp(mlp, x_BTE, num_chunks: int):
   if num_chunks == 1:
     return mlp(x_BTE)
   chunks = _to_chunks(x_BTE, num_chunks)
-  out = jax.lax.map(jax.checkpoint(mlp), chunks)
+  out = jax.lax.map(jax.checkpoint(mlp, prevent_cse=False), chunks)
   return _from_chunks(out, x_BTE.shape[1])
 
 
@@ -73,7 +75,7 @@ def loss_sums(h_BTE, head_EV, targets_BT, mask_BT, *, num_chunks: int = 1, z_los
     ce, z, count = _loss_sums(h_BTE, head_EV, targets_BT, mask_BT, z_loss)
     return ce + z_loss * z, ce, count
 
-  @jax.checkpoint
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # scan already keeps CSE out
   def body(totals, chunk):
     h, targets, mask = chunk
     return jax.tree.map(jnp.add, totals, _loss_sums(h, head_EV, targets, mask, z_loss)), None

@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lcjax import mesh as mesh_lib
 from lcjax.model.attention import Attention
 from lcjax.model.config import ModelConfig
-from lcjax.model.layers import Embed, Mlp, RMSNorm, _init
+from lcjax.model.layers import Embed, Mlp, Param, RMSNorm, _init
 from lcjax.model import mst
 
 LAYER_INPUT = "layer_input"
@@ -49,7 +49,7 @@ class Level(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     @nnx.split_rngs(splits=cfg.layers_per_level)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
       return Block(cfg, rngs)
 
@@ -75,7 +75,7 @@ class Transformer(nnx.Module):
     self.levels = nnx.List([Level(cfg, rngs) for _ in range(cfg.num_levels)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Param(_init(rngs, (cfg.embed_dim, cfg.vocab_size), (0,)),
+      self.lm_head = Param(_init(rngs, (cfg.embed_dim, cfg.vocab_size), (0,)),
                                logical_axes=("embed", "vocab"))
 
   def hidden(self, tokens_BT, positions_BT, segment_ids_BT):

@@ -51,9 +51,13 @@ def _adamw(o, lr_schedule, decay, compute_dtype, step, params, grads, mu, nu):
   return new_p, new_mu, new_nu, [p.astype(compute_dtype) for p in new_p]
 
 
-def _put(xs, shardings):
-  """Each leaf moved to its sharding (inside a jit: a memory-space transfer)."""
-  return [jax.device_put(x, s) for x, s in zip(xs, shardings)]
+def _to(xs, space):
+  """Each leaf moved to memory space `space` (jax.memory.Space), its sharding kept: inside a jit a
+  memory-space transfer, also inside a shard_map (an outer loop's island)."""
+  return [jax.device_put(x, space) for x in xs]
+
+
+_DEVICE_SPACE, _HOST_SPACE = jax.memory.Space.Device, jax.memory.Space.Host
 
 
 def _leaf_roles(opt_state, n_params):
@@ -91,7 +95,11 @@ def subgroups(param_bytes, subgroup_mb):
 class OffloadedAdamW:
   """Host-resident AdamW state in subgroups, with a host lane and a device lane."""
 
-  def __init__(self, config, abstract_params, abstract_opt_state, compute_dtype, mesh):
+  def __init__(self, config, abstract_params, abstract_opt_state, compute_dtype, mesh, *,
+               host_lanes: bool = True, measure_links: bool = True):
+    """host_lanes=False: every subgroup streams through the device inside the step's jit (what
+    an island of an outer loop needs: its whole update is one traced function).
+    measure_links=False: unconfigured link figures are not measured (ahead-of-time compiles)."""
     o = config.optim
     self.mesh = mesh
     self.compute_dtype = compute_dtype
@@ -108,13 +116,55 @@ class OffloadedAdamW:
     self.group_bytes = [sum(self.param_bytes[i] for i in g) for g in self.groups]
     self.host_lane_kind = host_lane.resolve(o.host_lane)
     self._adamw = functools.partial(_adamw, o, optim.schedule(config.train))
-    self.figures = self._figures(o)
-    self.on_device, self.predicted_s = self._placement(o.update_on)
-    self.device_leaves = [i for k, g in enumerate(self.groups) if self.on_device[k] for i in g]
-    self.host_leaves = [i for k, g in enumerate(self.groups) if not self.on_device[k] for i in g]
-    self.host_lanes = {k: self._host_lane(g) for k, g in enumerate(self.groups)
-                       if not self.on_device[k]}
+    self._optim_config = o
+    self.update_on = "device" if not host_lanes else o.update_on
+    self.measure_links = measure_links
     self._update_jit = None
+
+  @functools.cached_property
+  def _plan(self):
+    """(figures, on_device, predicted_s), made on first use, never at construction: building a
+    program to sample from or to compile ahead of time measures nothing."""
+    o, n = self._optim_config, len(self.groups)
+    configured = self._configured_figures(o)
+    if self.update_on == "auto" and configured is None and not self.measure_links:
+      # Compiled ahead of time: this machine's links say nothing of the target's; every
+      # subgroup streams through the device (the lane that needs device memory).
+      return None, [True] * n, float("nan")
+    figures = configured
+    if figures is None and (self.update_on == "auto" or self.measure_links):
+      figures = self._measured_figures(o)
+    if self.update_on == "auto":
+      return (figures, *perf_model.choose(figures, self.group_bytes))
+    on_device = {"host": [False] * n, "device": [True] * n,
+                 "alternate": [i % 2 == 0 for i in range(n)]}[self.update_on]
+    predicted = (perf_model.predicted_time(figures, self.group_bytes, on_device)
+                 if figures is not None else float("nan"))
+    return figures, on_device, predicted
+
+  @property
+  def figures(self):
+    return self._plan[0]
+
+  @property
+  def on_device(self):
+    return self._plan[1]
+
+  @property
+  def predicted_s(self):
+    return self._plan[2]
+
+  @functools.cached_property
+  def device_leaves(self):
+    return [i for k, g in enumerate(self.groups) if self.on_device[k] for i in g]
+
+  @functools.cached_property
+  def host_leaves(self):
+    return [i for k, g in enumerate(self.groups) if not self.on_device[k] for i in g]
+
+  @functools.cached_property
+  def host_lanes(self):
+    return {k: self._host_lane(g) for k, g in enumerate(self.groups) if not self.on_device[k]}
 
   def _update_fn(self, group):
     """(step, p, g, mu, nu) -> (p, mu, nu, compute copy) for the leaves of `group`."""
@@ -125,20 +175,20 @@ class OffloadedAdamW:
                           [self.host_sh[i] for i in group], [self.device_sh[i] for i in group],
                           self.scalar_host)
 
-  def _placement(self, update_on):
-    n = len(self.groups)
-    if update_on == "auto":
-      return perf_model.choose(self.figures, self.group_bytes)
-    on_device = {"host": [False] * n, "device": [True] * n,
-                 "alternate": [i % 2 == 0 for i in range(n)]}[update_on]
-    return on_device, perf_model.predicted_time(self.figures, self.group_bytes, on_device)
+  @staticmethod
+  def _given(o) -> dict:
+    return {"h2d_bps": o.h2d_gbps, "d2h_bps": o.d2h_gbps, "host_update_bps": o.host_update_gbps,
+            "device_update_bps": o.device_update_gbps}
 
-  def _figures(self, o):
-    """Configured figures; those set to 0 are measured on a probe of about one subgroup."""
-    given = {"h2d_bps": o.h2d_gbps, "d2h_bps": o.d2h_gbps, "host_update_bps": o.host_update_gbps,
-             "device_update_bps": o.device_update_gbps}
+  def _configured_figures(self, o):
+    given = self._given(o)
     if all(v > 0 for v in given.values()):
       return perf_model.Figures(**{k: v * 1e9 for k, v in given.items()})
+    return None
+
+  def _measured_figures(self, o):
+    """Configured figures; those set to 0 are measured on a probe of about one subgroup."""
+    given = self._given(o)
     n_dev = self.mesh.devices.size
     n = max(1, int(min(o.subgroup_mb, 64) * 2 ** 20 / 4 / n_dev)) * n_dev
     host = NamedSharding(self.mesh, P(self.mesh.axis_names), memory_kind=HOST)
@@ -205,15 +255,14 @@ class OffloadedAdamW:
     for k, group in enumerate(self.groups):
       if not self.on_device[k]:
         continue
-      dev, host = [self.device_sh[i] for i in group], [self.host_sh[i] for i in group]
-      p, m, v = (_put([x[i] for i in group], dev) for x in ins)
+      p, m, v = (_to([x[i] for i in group], _DEVICE_SPACE) for x in ins)
       p, m, v, c = self._update_fn(group)(step, p, [grads[i] for i in group], m, v)
-      for out, xs in zip(new, (_put(p, host), _put(m, host), _put(v, host), c)):
+      for out, xs in zip(new, (*(_to(x, _HOST_SPACE) for x in (p, m, v)), c)):
         out.extend(xs)
     return {"state": new[:3], "compute": new[3],
-            "grads": [jax.device_put(grads[i], self.host_sh[i]) for i in self.host_leaves],
-            "step": jax.device_put(step, self.scalar_host),
-            "count": jax.device_put(step + 1, self.scalar_host)}
+            "grads": _to([grads[i] for i in self.host_leaves], _HOST_SPACE),
+            "step": jax.device_put(step, _HOST_SPACE),
+            "count": jax.device_put(step + 1, _HOST_SPACE)}
 
   def in_jit_shardings(self):
     """(shardings of `in_jit`'s lane_state argument, shardings of its result)."""
@@ -223,50 +272,71 @@ class OffloadedAdamW:
               "step": self.scalar_host, "count": self.scalar_host}
     return (host,) * 3, result
 
-  def finish(self, params, opt_state, out):
-    """Old (params, opt_state), `in_jit`'s result -> new (params, opt_state) in host memory and
-    the new compute copy on the device; runs the host lanes."""
+  def merge_device_lane(self, params, opt_state, compute, out):
+    """Traceable: `in_jit`'s device-lane results written into (params, opt_state, compute copy);
+    the host-lane leaves stay as they were (their lanes run in `run_host_lanes`)."""
     p, mu, nu = self.split(params, opt_state)
-    compute = [None] * len(p)
+    c = jax.tree.leaves(compute)
     for j, i in enumerate(self.device_leaves):
-      p[i], mu[i], nu[i], compute[i] = (xs[j] for xs in (*out["state"], out["compute"]))
-    grads = dict(zip(self.host_leaves, out["grads"]))
+      p[i], mu[i], nu[i], c[i] = (xs[j] for xs in (*out["state"], out["compute"]))
+    params, opt_state = self.join(p, mu, nu, out["count"])
+    return params, opt_state, self.params_def.unflatten(c)
+
+  def host_lane_inputs(self, out):
+    """What the host lanes need from `in_jit`'s result (None when there are none)."""
+    return {"grads": out["grads"], "step": out["step"]} if self.host_leaves else None
+
+  def host_lane_shardings(self):
+    _, result = self.in_jit_shardings()
+    return {"grads": result["grads"], "step": result["step"]} if self.host_leaves else None
+
+  def run_host_lanes(self, params, opt_state, compute, inputs):
+    """Outside the jit: the host lanes update their subgroups of (params, opt_state, compute)."""
+    if inputs is None:
+      return params, opt_state, compute
+    p, mu, nu = self.split(params, opt_state)
+    c = jax.tree.leaves(compute)
+    grads = dict(zip(self.host_leaves, inputs["grads"]))
     for k, lane in self.host_lanes.items():
       group = self.groups[k]
-      new = lane(out["step"], *([xs[i] for i in group] for xs in (p, grads, mu, nu)))
+      new = lane(inputs["step"], *([xs[i] for i in group] for xs in (p, grads, mu, nu)))
       for j, i in enumerate(group):
-        p[i], mu[i], nu[i], compute[i] = (xs[j] for xs in new)
-    params, opt_state = self.join(p, mu, nu, out["count"])
-    return params, opt_state, self.params_def.unflatten(compute)
+        p[i], mu[i], nu[i], c[i] = (xs[j] for xs in new)
+    count = next(x for x, (role, _) in zip(jax.tree.leaves(opt_state), self.roles)
+                 if role == "count")
+    params, opt_state = self.join(p, mu, nu, count)
+    return params, opt_state, self.params_def.unflatten(c)
 
-  def update(self, step, grads, params, opt_state):
-    """The update alone (no backward pass): `in_jit` in a jit of its own, then `finish`."""
+  def update(self, step, grads, params, opt_state, compute):
+    """The update alone (no backward pass): `in_jit` in a jit of its own, then the host lanes."""
     if self._update_jit is None:
       lane_sh, out_sh = self.in_jit_shardings()
       self._update_jit = jax.jit(self.in_jit, out_shardings=out_sh,
                                  in_shardings=(self.scalar_device, self.device_sh, lane_sh))
     out = self._update_jit(step, jax.tree.leaves(grads), self.device_lane_state(params, opt_state))
-    return self.finish(params, opt_state, out)
+    params, opt_state, compute = self.merge_device_lane(params, opt_state, compute, out)
+    return self.run_host_lanes(params, opt_state, compute, self.host_lane_inputs(out))
 
   def compute_copy(self, params_host):
-    """The device's compute-dtype copy of host master parameters (moved in, then cast)."""
-    cast = lambda ps: [jax.device_put(x, s).astype(self.compute_dtype)
-                       for x, s in zip(ps, self.device_sh)]
-    copy = jax.jit(cast, in_shardings=(self.host_sh,), out_shardings=self.device_sh)
-    return self.params_def.unflatten(copy(jax.tree.leaves(params_host)))
+    """Traceable: the device's compute-dtype copy of host master parameters (moved in, cast)."""
+    return jax.tree.map(lambda p: jax.device_put(p, _DEVICE_SPACE).astype(self.compute_dtype),
+                        params_host)
 
   def measure_update_s(self, state, repeats: int = 3) -> float:
     """Median wall time of one whole offloaded update on the live state (its result discarded)."""
     grads = jax.tree.map(lambda c: c.astype(jnp.float32), state["compute"])
     return perf_model.median_seconds(lambda: jax.block_until_ready(
-        self.update(state["step"], grads, state["params"], state["opt_state"])), repeats)
+        self.update(state["step"], grads, state["params"], state["opt_state"], state["compute"])),
+        repeats)
 
   def describe(self) -> dict:
     """The performance model's inputs, its choice and prediction, for the start record."""
     f = self.figures
-    return {"optim/h2d_gbps": f.h2d_bps / 1e9, "optim/d2h_gbps": f.d2h_bps / 1e9,
-            "optim/host_update_gbps": f.host_update_bps / 1e9,
-            "optim/device_update_gbps": f.device_update_bps / 1e9,
+    record = {} if f is None else {
+        "optim/h2d_gbps": f.h2d_bps / 1e9, "optim/d2h_gbps": f.d2h_bps / 1e9,
+        "optim/host_update_gbps": f.host_update_bps / 1e9,
+        "optim/device_update_gbps": f.device_update_bps / 1e9}
+    return {**record, "optim/update_on": self.update_on,
             "optim/host_lane": self.host_lane_kind, "optim/subgroups": len(self.groups),
             "optim/subgroup_bytes": self.group_bytes,
             "optim/device_subgroups": [k for k, d in enumerate(self.on_device) if d],

@@ -1,86 +1,106 @@
-"""The train step with offloaded AdamW state (Deep Optimizer States; optim/offload.py).
+"""The inner update with offloaded AdamW state (Deep Optimizer States; optim/offload.py), a stage
+of the train program (lcjax/program.py).
 
-One jit holds the backward pass and the device lane, so XLA can start a subgroup's transfers
-and update as soon as its operands exist, overlapping the rest of the backward:
+One traced update holds the backward pass and the device lane, so XLA can start a subgroup's
+transfers and update as soon as its operands exist, overlapping the rest of the backward:
 
-  compute copy, batch, device-lane state (pinned_host)
+  compute copy, batch, master params and moments (pinned_host)
     -> loss, gradients (fp32), global-norm clipping over the whole gradient (the norm must be
        complete before any update; the state transfers in do not depend on it)
     -> per device-lane subgroup: state pinned_host -> device, AdamW, pinned_host
     -> per host-lane subgroup: its gradients -> pinned_host
-then, outside the jit, the host lanes update their subgroups (optim/host_lane.py).
+then, outside the jit (`finish`), the host lanes update their subgroups (optim/host_lane.py).
+Inside an outer loop's island every subgroup takes the device lane: the island's whole update
+must be one traced function.
 
-State: {"step", "params", "opt_state", "compute"}: params and opt_state are built (init) and
-restored (checkpoint) straight into pinned_host shardings; "compute" is the device's
-compute-dtype copy of the parameters and is not saved.
+State: {"step", "params", "opt_state", "compute"}: params and opt_state live in pinned_host
+(built there at init and restored there from a checkpoint); "compute" is the device's
+compute-dtype copy of the parameters, derived, not saved.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
-from lcjax import mesh as mesh_lib
-from lcjax import step as step_lib
+from lcjax import parts as parts_lib
+from lcjax import state_spec
+from lcjax.optim import inner as inner_lib
 from lcjax.optim import offload as offload_lib
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
+class Offloaded:
+  name = "offload"
 
+  def __init__(self, parts, config, tx, lr_schedule, mesh, compute_dtype, *, host_lanes=True,
+               measure_links=True):
+    self.parts, self.lr_schedule, self.clip = parts, lr_schedule, config.optim.clip_norm
+    plain_abstract, plain_decls = inner_lib.plain_state(parts, tx)
+    on_device = state_spec.derive(plain_decls, plain_abstract, mesh).abstract
+    self.opt = offload_lib.OffloadedAdamW(config, on_device["params"], on_device["opt_state"],
+                                          compute_dtype, mesh, host_lanes=host_lanes,
+                                          measure_links=measure_links)
+    self._plain = inner_lib.Plain(parts, tx, lr_schedule)
+    host = offload_lib.HOST
+    self.decls = {"step": plain_decls["step"],
+                  "params": state_spec.in_memory(plain_decls["params"], host),
+                  "opt_state": state_spec.in_memory(plain_decls["opt_state"], host),
+                  "compute": parts.param_decls}
+    self.abstract = {**plain_abstract, "compute": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, compute_dtype), parts.abstract_params)}
+    self.saved_keys = ("step", "params", "opt_state")
+    self.model_param_decls = parts.param_decls
+    self.model_params_saved_path = ("params",)
 
-def build(parts, config, mesh, compute_dtype) -> step_lib.Steps:
-  """Steps for optim.offload=True, from the plain step's parts (their layout is on the device)."""
-  abstract, shardings, batch_sharding = parts.abstract_state, parts.state_shardings, parts.batch_sharding
-  loss_fn, lr_schedule = parts.loss_fn, parts.lr_schedule
-  opt = offload_lib.OffloadedAdamW(config, abstract["params"], abstract["opt_state"],
-                                   compute_dtype, mesh)
-  replicated = mesh_lib.replicated(mesh)
-  compute_sh = shardings["params"]
-  state_sh = {"step": shardings["step"], **opt.host_shardings()}
-  abstract_state = _with_shardings(abstract, state_sh)
-  clip = config.optim.clip_norm
+  @property
+  def extra_shardings(self):
+    return self.opt.host_lane_shardings()
 
-  def grads_and_update(compute_device_lane, compute_host_lane, step, batch, lane_state):
-    compute = opt.from_lanes(compute_device_lane, compute_host_lane)
-    (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(compute, batch)
+  def create_base(self):
+    return self._plain.create_base()
+
+  def from_base(self, base):
+    """A plain state (device) -> this state; the jit's output shardings move it to the host."""
+    return {**base, "compute": self.opt.compute_copy(base["params"])}
+
+  def complete(self, saved):
+    return {**saved, "compute": self.opt.compute_copy(saved["params"])}
+
+  def update(self, state, batch):
+    opt, step = self.opt, state["step"]
+    (_, (loss, count)), grads = jax.value_and_grad(self.parts.loss_fn, has_aux=True)(
+        state["compute"], batch)
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    metrics = step_lib.train_metrics(loss, grads, count, lr_schedule(step))
-    if clip > 0:  # as in optax's chain: from the whole gradient, before any update
-      grads, _ = optax.clip_by_global_norm(clip).update(grads, optax.EmptyState())
-    return metrics, step + 1, opt.in_jit(step, jax.tree.leaves(grads), lane_state)
+    metrics = parts_lib.train_metrics(loss, grads, count, self.lr_schedule(step))
+    if self.clip > 0:  # as in optax's chain: from the whole gradient, before any update
+      grads, _ = optax.clip_by_global_norm(self.clip).update(grads, optax.EmptyState())
+    out = opt.in_jit(step, jax.tree.leaves(grads),
+                     opt.device_lane_state(state["params"], state["opt_state"]))
+    params, opt_state, compute = opt.merge_device_lane(state["params"], state["opt_state"],
+                                                       state["compute"], out)
+    new = {"step": step + 1, "params": params, "opt_state": opt_state, "compute": compute}
+    return new, metrics, opt.host_lane_inputs(out)
 
-  lane_sh, update_sh = opt.in_jit_shardings()
-  # The device lane's compute copy and state are donated: the update writes their successors.
-  fused = jax.jit(grads_and_update, donate_argnums=(0, 4),
-                  in_shardings=(*opt.by_lane(compute_sh), replicated, batch_sharding, lane_sh),
-                  out_shardings=(replicated, replicated, update_sh))
+  def finish(self, state, extra):
+    params, opt_state, compute = self.opt.run_host_lanes(state["params"], state["opt_state"],
+                                                         state["compute"], extra)
+    return {**state, "params": params, "opt_state": opt_state, "compute": compute}
 
-  def train(state, batch):
-    lane_state = opt.device_lane_state(state["params"], state["opt_state"])
-    metrics, step, out = fused(*opt.by_lane(state["compute"]), state["step"], batch, lane_state)
-    params, opt_state, compute = opt.finish(state["params"], state["opt_state"], out)
-    return {"step": step, "params": params, "opt_state": opt_state, "compute": compute}, metrics
+  def master_params(self, state):
+    """The fp32 master parameters, moved to the device (an outer loop computes with them)."""
+    return jax.tree.map(lambda p: jax.device_put(p, jax.memory.Space.Device), state["params"])
 
-  def trace(abstract_batch):
-    abstract_compute = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, compute_dtype, sharding=x.sharding),
-        abstract["params"])
-    lane_state = opt.device_lane_state(abstract_state["params"], abstract_state["opt_state"])
-    return fused.trace(*opt.by_lane(abstract_compute), abstract_state["step"], abstract_batch,
-                       lane_state)
+  def with_params(self, state, params):
+    host = jax.tree.map(lambda p: jax.device_put(p, jax.memory.Space.Host), params)
+    return {**state, "params": host,
+            "compute": jax.tree.map(lambda p: p.astype(self.opt.compute_dtype), params)}
 
-  def create_live_state():
-    state = parts.create_state()
-    return {**state, "compute": jax.tree.map(lambda p: p.astype(compute_dtype), state["params"])}
+  def model_params(self, state):
+    return state["compute"]
 
-  return step_lib.Steps(
-      graphdef=parts.graphdef, abstract_state=abstract_state, state_shardings=state_sh,
-      batch_sharding=batch_sharding, mesh=mesh,
-      init=jax.jit(create_live_state, out_shardings={**state_sh, "compute": compute_sh}),
-      train=train,
-      eval=jax.jit(parts.eval_step, in_shardings=(compute_sh, batch_sharding),
-                   out_shardings=replicated),
-      eval_params=lambda state: state["compute"],
-      trace=trace, offload=opt, describe=opt.describe,
-      saved=lambda state: {k: state[k] for k in ("step", "params", "opt_state")},
-      attach=lambda state: {**state, "compute": opt.compute_copy(state["params"])})
+  def annotate(self, step, record):
+    return record
+
+  def describe(self) -> dict:
+    return self.opt.describe()
+
+  def measure_update_s(self, state) -> float:
+    return self.opt.measure_update_s(state)

@@ -15,7 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-FORMATS = ("float32", "bfloat16", "int8", "int4")
+from lcjax.config import COMPRESSION_FORMATS as FORMATS
+
 _LEVELS = {"int8": 127, "int4": 7}
 _BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
 

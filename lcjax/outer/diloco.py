@@ -2,18 +2,22 @@
 `replica` mesh axis: R islands each train their own copy of the model for H inner steps, then
 sync once.
 
-State (every leaf sharded as the plain step's, island leaves with a leading [R] over `replica`):
-  step        inner steps done
-  params      [R, ...] each island's parameters
-  opt_state   [R, ...] each island's inner optimizer state, kept across rounds
+An outer stage of the train program (lcjax/program.py): `DiLoCo(inner, ...)` wraps any inner
+update that runs in one traced function (plain optax, or offloaded AdamW with every subgroup on
+the device lane) and exposes the same stage interface.
+
+State: the inner state's leaves with a leading [R] over `replica` (islands; "step" stays one
+scalar), plus
   tokens      [R] target tokens each island trained on since the last sync
   outer       {"params": the shared parameters theta, "opt_state": the outer optimizer's,
                "step": syncs done}
+Every leaf's sharding comes from its declaration (state_spec.py): the inner's, with the
+`islands` axis in front.
 
-One jitted step. Every island runs the unchanged inner train step (step.Parts.train_step) on its
-share of the global batch, inside a shard_map that is manual over `replica` only, so data, fsdp,
-ring, ulysses and tensor parallelism work inside an island as they do without DiLoCo. After every
-H-th inner step the islands sync:
+One traced step. Every island runs the unchanged inner update on its share of the global batch,
+inside a shard_map that is manual over `replica` only, so data, fsdp, ring, ulysses and tensor
+parallelism (and host-resident optimizer state) work inside an island as they do without
+DiLoCo. After every H-th inner step the islands sync:
   delta_r = theta - theta_r                       (the pseudo-gradient; it points away from r)
   delta   = sum_r w_r delta_r,  w_r = tokens_r / sum of tokens over the islands not dropped
   theta  <- theta + outer_tx(delta)               (optax: SGD with Nesterov momentum, or Adam)
@@ -24,34 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from lcjax import mesh as mesh_lib
-from lcjax import step as step_lib
+from lcjax import state_spec
+from lcjax.config import parse_drops
 from lcjax.outer import compression
+from lcjax.state_spec import Decl
 
 AXIS = "replica"
-
-
-def parse_drops(spec: str, replicas: int) -> dict:
-  """outer.drop_replicas, "r@k,r@k,...": island r is left out of outer step k (counted from 1)
-  -> {k: {r, ...}}; ValueError naming the bad entry."""
-  drops = {}
-  for entry in filter(None, (e.strip() for e in spec.split(","))):
-    try:
-      replica, step = (int(v) for v in entry.split("@"))
-    except ValueError:
-      raise ValueError(f"outer.drop_replicas entry {entry!r} must read REPLICA@OUTER_STEP, "
-                       "e.g. '1@2' leaves island 1 out of the second sync") from None
-    if not 0 <= replica < replicas or step < 1:
-      raise ValueError(f"outer.drop_replicas entry {entry!r}: the island must be in "
-                       f"[0, {replicas}) (mesh.replica={replicas}) and the outer step >= 1")
-    drops.setdefault(step, set()).add(replica)
-  for step, dropped in drops.items():
-    if len(dropped) == replicas:
-      raise ValueError(f"outer.drop_replicas leaves every island out of outer step {step}; "
-                       "keep at least one")
-  return drops
 
 
 def outer_optimizer(outer_config) -> optax.GradientTransformation:
@@ -73,108 +57,143 @@ def _alive_table(drops, replicas):
   return jnp.asarray(table)
 
 
-def _per_island(sharding):
-  """The sharding of an island-stacked leaf: `replica` first, then the leaf's own spec."""
-  return NamedSharding(sharding.mesh, P(AXIS, *sharding.spec))
+def _stack(tree, replicas):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (replicas,) + x.shape), tree)
 
 
-def build(parts, config, mesh):
-  o = config.outer
-  R, H, fmt = mesh.shape[AXIS], o.inner_steps, o.compression
-  outer_tx = outer_optimizer(o)
-  alive_table = _alive_table(parse_drops(o.drop_replicas, R), R)
-  replicated = mesh_lib.replicated(mesh)
-  sh = parts.state_shardings
+def _abstract_stack(tree, replicas):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((replicas,) + x.shape, x.dtype), tree)
 
-  def create_state():
-    return from_plain(parts.create_state())
 
-  def from_plain(base):
+class DiLoCo:
+  name = "diloco"
+  extra_shardings = None
+
+  def __init__(self, inner, outer_config, replicas: int, mesh):
+    assert inner.extra_shardings is None, "an island's update must be one traced function"
+    o = outer_config
+    self.inner, self.R, self.H, self.fmt, self.mesh = inner, replicas, o.inner_steps, o.compression, mesh
+    self.outer_tx = outer_optimizer(o)
+    self.optimizer_name = o.optimizer
+    self.alive_table = _alive_table(parse_drops(o.drop_replicas, replicas), replicas)
+    self.island_keys = tuple(k for k in inner.abstract if k != "step")
+    abstract_theta = inner.parts.abstract_params
+    abstract_outer_opt = jax.eval_shape(self.outer_tx.init, abstract_theta)
+    self.abstract = {"step": inner.abstract["step"],
+                     **{k: _abstract_stack(inner.abstract[k], replicas) for k in self.island_keys},
+                     "tokens": jax.ShapeDtypeStruct((replicas,), jnp.float32),
+                     "outer": {"params": abstract_theta, "opt_state": abstract_outer_opt,
+                               "step": jax.ShapeDtypeStruct((), jnp.int32)}}
+    theta_decls = inner.parts.param_decls
+    self.decls = {"step": inner.decls["step"],
+                  **{k: state_spec.stacked(inner.decls[k], "islands") for k in self.island_keys},
+                  "tokens": Decl(("islands",)),
+                  "outer": {"params": theta_decls,
+                            "opt_state": state_spec.mirror(self.outer_tx, abstract_outer_opt,
+                                                           theta_decls),
+                            "step": Decl()}}
+    self.saved_keys = tuple(k for k in self.abstract
+                            if k not in inner.abstract or k in inner.saved_keys)
+    self.model_param_decls = theta_decls
+    self.model_params_saved_path = ("outer", "params")
+    self.island_specs = {"step": P(), **{k: P(AXIS) for k in self.island_keys},
+                         "tokens": P(AXIS), "outer": P()}
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_theta)]
+    self.bytes_per_sync = compression.bytes_sent(sizes, self.fmt, replicas)
+    self.bytes_data_parallel_per_step = compression.ring_all_reduce_bytes(sizes, replicas)
+
+  def create_base(self):
+    return self.inner.create_base()
+
+  def from_base(self, base):
     """Every island and theta start from one plain state {"step", "params", "opt_state"}."""
-    stack = lambda x: jnp.broadcast_to(x, (R,) + x.shape)
-    return {"step": base["step"], "params": jax.tree.map(stack, base["params"]),
-            "opt_state": jax.tree.map(stack, base["opt_state"]),
-            "tokens": jnp.zeros((R,), jnp.float32),
-            "outer": {"params": base["params"], "opt_state": outer_tx.init(base["params"]),
+    return self._from_island(self.inner.from_base(base), base["params"])
+
+  def _from_island(self, island, theta):
+    return {"step": island["step"],
+            **{k: _stack(island[k], self.R) for k in self.island_keys},
+            "tokens": jnp.zeros((self.R,), jnp.float32),
+            "outer": {"params": theta, "opt_state": self.outer_tx.init(theta),
                       "step": jnp.zeros((), jnp.int32)}}
 
-  abstract = jax.eval_shape(create_state)
-  outer_opt_sh = step_lib.mirror_shardings(abstract["outer"]["opt_state"], sh["params"],
-                                           abstract["outer"]["params"], mesh)
-  shardings = {"step": replicated,
-               "params": jax.tree.map(_per_island, sh["params"]),
-               "opt_state": jax.tree.map(_per_island, sh["opt_state"]),
-               "tokens": NamedSharding(mesh, P(AXIS)),
-               "outer": {"params": sh["params"], "opt_state": outer_opt_sh, "step": replicated}}
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
-  island_specs = {"step": P(), "params": P(AXIS), "opt_state": P(AXIS), "tokens": P(AXIS),
-                  "outer": P()}
+  def _island(self, state):
+    """Inside the shard_map: this island's inner state (its [1, ...] slices unstacked)."""
+    return {"step": state["step"], **{k: jax.tree.map(lambda x: x[0], state[k])
+                                      for k in self.island_keys}}
 
-  def sync(params, tokens, outer):
-    """One outer step, from inside an island; returns (island params, tokens, outer)."""
+  def _restack(self, state, island):
+    return {**state, "step": island["step"],
+            **{k: jax.tree.map(lambda x: x[None], island[k]) for k in self.island_keys}}
+
+  def _per_island(self, fn, state, *args, out_extra_specs=()):
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=(self.island_specs,) + (P(AXIS),) * len(args),
+                         out_specs=(self.island_specs,) + out_extra_specs, axis_names={AXIS},
+                         check_vma=False)(state, *args)
+
+  def complete(self, saved):
+    if set(self.saved_keys) == set(self.abstract):
+      return saved
+
+    def one(state):
+      island = self.inner.complete({k: v for k, v in self._island(state).items()
+                                    if k in self.inner.saved_keys})
+      return (self._restack(state, island),)
+
+    # The derived leaves enter as zeros so the island specs cover the whole state.
+    placeholder = {**saved, **{k: _stack(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), x),
+                                         self.R)
+                               for k, x in self.inner.abstract.items()
+                               if k not in self.inner.saved_keys}}
+    return self._per_island(one, placeholder)[0]
+
+  def _sync(self, island, tokens, outer):
+    """One outer step, from inside an island; returns (island, tokens, outer)."""
     number = outer["step"] + 1
-    alive = alive_table[jnp.minimum(number, alive_table.shape[0] - 1), jax.lax.axis_index(AXIS)]
+    alive = self.alive_table[jnp.minimum(number, self.alive_table.shape[0] - 1),
+                             jax.lax.axis_index(AXIS)]
     contribution = alive * tokens[0]
     weight = contribution / jax.lax.psum(contribution, AXIS)
+    mine = self.inner.master_params(island)
     delta = jax.tree.map(
-        lambda theta, mine: compression.weighted_sum(theta - mine[0], weight, fmt, AXIS, R),
-        outer["params"], params)
-    updates, opt_state = outer_tx.update(delta, outer["opt_state"], outer["params"])
+        lambda theta, m: compression.weighted_sum(theta - m, weight, self.fmt, AXIS, self.R),
+        outer["params"], mine)
+    updates, opt_state = self.outer_tx.update(delta, outer["opt_state"], outer["params"])
     shared = optax.apply_updates(outer["params"], updates)
-    return (jax.tree.map(lambda x: x[None], shared), jnp.zeros_like(tokens),
+    return (self.inner.with_params(island, shared), jnp.zeros_like(tokens),
             {"params": shared, "opt_state": opt_state, "step": number})
 
-  def island_step(state, batch):
-    local = {"step": state["step"], "params": jax.tree.map(lambda x: x[0], state["params"]),
-             "opt_state": jax.tree.map(lambda x: x[0], state["opt_state"])}
-    new, metrics = parts.train_step(local, batch)
-    params = jax.tree.map(lambda x: x[None], new["params"])
-    tokens = state["tokens"] + metrics["train/tokens"]
-    params, tokens, outer = jax.lax.cond(
-        new["step"] % H == 0, sync, lambda *args: args, params, tokens, state["outer"])
-    state = {"step": new["step"], "params": params,
-             "opt_state": jax.tree.map(lambda x: x[None], new["opt_state"]), "tokens": tokens,
-             "outer": outer}
-    return state, {k: v[None] for k, v in metrics.items()}
+  def update(self, state, batch):
+    def island_step(state, batch):
+      island, metrics, _ = self.inner.update(self._island(state), batch)
+      tokens = state["tokens"] + metrics["train/tokens"]
+      island, tokens, outer = jax.lax.cond(island["step"] % self.H == 0, self._sync,
+                                           lambda *args: args, island, tokens, state["outer"])
+      state = {**self._restack(state, island), "tokens": tokens, "outer": outer}
+      return state, {k: v[None] for k, v in metrics.items()}
 
-  per_island = jax.shard_map(island_step, mesh=mesh, in_specs=(island_specs, P(AXIS)),
-                             out_specs=(island_specs, P(AXIS)), axis_names={AXIS},
-                             check_vma=False)
-
-  def train_step(state, batch):
-    state, m = per_island(state, batch)
+    state, m = self._per_island(island_step, state, batch, out_extra_specs=(P(AXIS),))
     tokens = m["train/tokens"]
     metrics = {"train/loss": jnp.sum(m["train/loss"] * tokens) / jnp.sum(tokens),
                "train/grad_norm": jnp.mean(m["train/grad_norm"]),
                "train/tokens": jnp.sum(tokens), "train/lr": m["train/lr"][0],
                "outer/step": state["outer"]["step"]}
-    metrics.update({f"train/loss/replica{r}": m["train/loss"][r] for r in range(R)})
-    return state, metrics
+    metrics.update({f"train/loss/replica{r}": m["train/loss"][r] for r in range(self.R)})
+    return state, metrics, None
 
-  sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["outer"]["params"])]
-  per_sync = compression.bytes_sent(sizes, fmt, R)
-  per_data_parallel_step = compression.ring_all_reduce_bytes(sizes, R)
+  def finish(self, state, extra):
+    return state
 
-  def annotate(step, record):
-    return {**record, "outer/bytes_communicated": int(record["outer/step"]) * per_sync,
-            "outer/bytes_data_parallel": step * per_data_parallel_step}
+  def model_params(self, state):
+    return state["outer"]["params"]
 
-  def describe():
-    return {"outer/replicas": R, "outer/inner_steps": H, "outer/compression": fmt,
-            "outer/optimizer": o.optimizer, "outer/bytes_per_sync": per_sync,
-            "outer/bytes_data_parallel_per_step": per_data_parallel_step}
+  def annotate(self, step, record):
+    """Host-side fields of a train record: bytes the syncs sent so far, and what data
+    parallelism would have sent in the same steps."""
+    return {**record, "outer/bytes_communicated": int(record["outer/step"]) * self.bytes_per_sync,
+            "outer/bytes_data_parallel": step * self.bytes_data_parallel_per_step}
 
-  batch_sh = parts.batch_sharding
-  train = jax.jit(train_step, in_shardings=(shardings, batch_sh),
-                  out_shardings=(shardings, replicated), donate_argnums=0)
-  return step_lib.Steps(
-      graphdef=parts.graphdef, abstract_state=abstract, state_shardings=shardings,
-      batch_sharding=batch_sh, mesh=mesh,
-      init=jax.jit(create_state, out_shardings=shardings), train=train,
-      trace=lambda batch: train.trace(abstract, batch),
-      eval=jax.jit(parts.eval_step, in_shardings=(sh["params"], batch_sh),
-                   out_shardings=replicated),
-      eval_params=lambda state: state["outer"]["params"], describe=describe, annotate=annotate,
-      from_plain=(parts.abstract_state, jax.jit(from_plain, out_shardings=shardings)))
-
+  def describe(self) -> dict:
+    return {"outer/replicas": self.R, "outer/inner_steps": self.H, "outer/compression": self.fmt,
+            "outer/optimizer": self.optimizer_name, "outer/bytes_per_sync": self.bytes_per_sync,
+            "outer/bytes_data_parallel_per_step": self.bytes_data_parallel_per_step,
+            **self.inner.describe()}
