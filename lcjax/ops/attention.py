@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.ops import manual
 from lcjax.ops.blockwise import blockwise_attention
 from lcjax.ops.pallas_attention import pallas_attention
 from lcjax.ops.reference import reference_attention
@@ -56,21 +57,41 @@ def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posi
   return q_positions, kv_positions
 
 
-def resolve_implementation(implementation: str) -> str:
-  """"auto" and "pallas" -> what runs on this backend: "reference" | "xla" | "pallas" | "pallas_interpret".
+def resolve_implementation(implementation: str, platform: str | None = None) -> str:
+  """"auto" and "pallas" -> what runs on `platform`: "reference" | "xla" | "pallas" | "pallas_interpret".
 
-  "auto" takes the fastest tested path: the Pallas kernel on TPU, blockwise XLA elsewhere
-  (no GPU kernel is tested yet). "pallas" is the TPU kernel, in interpret mode on CPU.
+  `platform` defaults to that of the mesh the computation runs on (`manual.platform`: the
+  devices it is compiled for, not the host). "auto" takes the fastest tested path: the Mosaic
+  kernel on TPU, blockwise XLA elsewhere (no GPU kernel is tested yet). "pallas" is the TPU
+  kernel, interpreted on CPU.
   """
-  backend = jax.default_backend()
+  platform = manual.platform() if platform is None else platform
   if implementation == "auto":
-    return "pallas" if backend == "tpu" else "xla"
-  if implementation == "pallas" and backend != "tpu":
-    if backend != "cpu":
-      raise ValueError(f"implementation='pallas' has no tested kernel for backend {backend!r}; "
+    return "pallas" if platform == "tpu" else "xla"
+  if implementation == "pallas" and platform != "tpu":
+    if platform != "cpu":
+      raise ValueError(f"implementation='pallas' has no tested kernel for platform {platform!r}; "
                        f"use 'xla', or 'pallas_interpret' to run the TPU kernel interpreted")
     return "pallas_interpret"
   return implementation
+
+
+def _mosaic_in_manual_region(q, k, v, *, q_positions, kv_positions, q_segment_ids,
+                             kv_segment_ids, local=pallas_attention, **kwargs):
+  """`local` (the Mosaic kernel) on each device's block, in a shard_map manual over every free
+  mesh axis (Mosaic kernels cannot be partitioned): batch over the batch axes that divide it,
+  heads over `tensor` when it divides Hq and Hkv, the sequence whole. Returns (out, lse)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = manual.batch_axes(q, mesh)
+  heads = manual.head_axes(q, k.shape[2], mesh, exclude=batch)
+  args = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  specs = tuple(None if x is None else manual.array_spec(x, batch, (), heads) for x in args)
+
+  def body(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return local(q, k, v, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
+                 kv_segment_ids=kv_seg, **kwargs)
+
+  return manual.region(body, mesh, args, specs, (specs[0], manual.lse_spec(batch, (), heads)))
 
 
 def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
@@ -95,6 +116,8 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
     return reference_attention(q, k, v, return_lse=return_lse, **kwargs)
   if implementation == "xla":
     out, lse = blockwise_attention(q, k, v, **kwargs)
-  else:
-    out, lse = pallas_attention(q, k, v, interpret=implementation == "pallas_interpret", **kwargs)
+  elif implementation == "pallas_interpret":
+    out, lse = pallas_attention(q, k, v, interpret=True, **kwargs)
+  else:  # the Mosaic kernel: in a shard_map over every free mesh axis (a no-op without a mesh)
+    out, lse = _mosaic_in_manual_region(q, k, v, interpret=False, **kwargs)
   return (out, lse) if return_lse else out

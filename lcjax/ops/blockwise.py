@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcjax.ops import tiles
+from lcjax.ops import manual, tiles
 from lcjax.ops.tiles import FULL, PARTIAL, SKIP
 
 # vmap axes of the tile functions' arguments:
@@ -144,7 +144,7 @@ def blockwise_attention(q_BTHD, k_BTKD, v_BTKD, *, q_positions, kv_positions, q_
   B, Tq, H, D = q_BTHD.shape
   Tk, K = k_BTKD.shape[1], k_BTKD.shape[2]
   G = H // K
-  blocks = (block_sizes or tiles.BlockSizes.default("xla", jax.default_backend())).fit(Tq, Tk)
+  blocks = (block_sizes or tiles.BlockSizes.default("xla", manual.platform())).fit(Tq, Tk)
   bq, bk = blocks.block_q, blocks.block_kv
   nq, nk = -(-Tq // bq), -(-Tk // bk)
   segments = q_segment_ids is not None

@@ -90,8 +90,9 @@ def pallas_attention(q_BTHD, k_BTKD, v_BTKD, *, q_positions, kv_positions, q_seg
   """Arguments as `ops.attention` (validated, positions filled); returns (out_BTHD, lse_BHT f32)."""
   B, Tq, H, D = q_BTHD.shape
   Tk, K = k_BTKD.shape[1], k_BTKD.shape[2]
-  backend = "cpu" if interpret else jax.default_backend()
-  blocks = (block_sizes or tiles.BlockSizes.default("pallas", backend)).fit(Tq, Tk)
+  # not interpreted, this is a Mosaic TPU kernel whatever the host: TPU tiles
+  blocks = (block_sizes or tiles.BlockSizes.default("pallas", "cpu" if interpret else "tpu")
+            ).fit(Tq, Tk)
   bq, bk = blocks.block_q, blocks.block_kv
   lay = pc.Layout(B=B, H=H, K=K, D=D, nq=-(-Tq // bq), nk=-(-Tk // bk), bq=bq, bk=bk)
   segments = q_segment_ids is not None

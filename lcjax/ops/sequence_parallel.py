@@ -8,33 +8,24 @@ Strategies (USP, arXiv 2405.07719; the mesh has R ring and U Ulysses devices):
 - `allgather`: gather K/V (and their positions/segments) over both axes, attend local queries
   (Llama 3 context parallelism); wins at short local sequences.
 
-`shard_map` is manual over every mesh axis that splits the inputs: the sequence axes, the
-batch axes (replica/data/fsdp, see `batch_axes`) and head axes that Explicit types show
-(`tensor`); the body works on plain local arrays and is replicated over the remaining axes. A
-region manual over the sequence axes only is what one would write first, but on jax 0.10 the
-partitioner then gathers the batch inside it and lowers the Ulysses all-to-all to all-gathers.
-`check_vma` is off so that any local implementation runs inside (not every kernel types its
-values as varying over manual axes); leaving out the axes nothing is split over keeps that from
-adding all-reduces to the backward pass. Meshes whose axes are Auto or Explicit both work:
-inputs are resharded to the in_specs first where the axis types demand it.
+`shard_map` is manual over every free mesh axis (`manual.region`), as Mosaic kernels require
+(they cannot be partitioned automatically): the sequence over the sequence axes, the batch over
+the batch axes that divide it (replica/data/fsdp, see `manual.batch_axes`), heads over `tensor`
+when it divides both head counts and leaves a multiple of the Ulysses degree; the body works on
+plain local arrays and is replicated over any remaining axis. A region manual over the sequence
+axes only is what one would write first, but on jax 0.10 the partitioner then gathers the batch
+inside it and lowers the Ulysses all-to-all to all-gathers, and a Mosaic kernel inside it fails
+to lower. Meshes whose axes are Auto or Explicit both work: inputs are resharded to the in_specs
+first where the axis types demand it.
 """
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from lcjax.ops import cost_model, layouts, ulysses
+from lcjax.ops import cost_model, layouts, manual, ulysses
 from lcjax.ops.attention import attention
 from lcjax.ops.ring import RingSpec, ring_attention
 
 STRATEGIES = ("usp", "ulysses", "ring", "allgather")
-BATCH_AXES = ("replica", "data", "fsdp")
-
-
-def _names(entry):
-  """Mesh axis names in one PartitionSpec entry."""
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def check_sequence_parallel(num_heads: int, num_kv_heads: int, seq_len: int, *, ring_size: int,
@@ -49,56 +40,6 @@ def check_sequence_parallel(num_heads: int, num_kv_heads: int, seq_len: int, *, 
   degree = {"usp": ulysses_size, "ulysses": ring_size * ulysses_size}.get(strategy, 1)
   if degree > 1:
     ulysses.kv_head_repeats(num_heads, num_kv_heads, degree)
-
-
-def _spec_entry(names):
-  return None if not names else names[0] if len(names) == 1 else tuple(names)
-
-
-def _typed_axes(x, dim):
-  """Explicit mesh axes that split dim `dim` of x according to its type (none under Auto)."""
-  spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
-  return _names(spec[dim])
-
-
-def _batch_axes(q, mesh, seq_axes, batch_axes):
-  """Mesh axes splitting the batch: given, else q's explicit sharding plus Auto batch axes."""
-  B = q.shape[0]
-  if batch_axes is not None:
-    names = _names(batch_axes)
-    bad = [a for a in names if a not in mesh.axis_names or a in seq_axes]
-    n = math.prod(mesh.shape[a] for a in names if a not in bad)
-    if bad or B % n:
-      raise ValueError(f"batch_axes {names} must be mesh axes outside the sequence axes "
-                       f"{seq_axes} whose sizes divide the batch {B}; got mesh {dict(mesh.shape)}")
-    return names
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  names = [a for a in _typed_axes(q, 0) if a not in seq_axes]
-  n = math.prod(mesh.shape[a] for a in names)
-  for a in BATCH_AXES:  # under Auto the sharding is not visible: assume DESIGN's batch axes
-    if types.get(a) == AxisType.Auto and mesh.shape[a] > 1 and B % (n * mesh.shape[a]) == 0:
-      names.append(a)
-      n *= mesh.shape[a]
-  return tuple(names)
-
-
-def _manual_spec(x, batch, seq_axes, seq_dim):
-  """Full-manual PartitionSpec: batch, sequence, and the explicit head sharding x already has."""
-  spec = [None] * x.ndim
-  spec[0], spec[seq_dim] = _spec_entry(batch), _spec_entry(seq_axes)
-  if x.ndim == 4:
-    spec[2] = _spec_entry(tuple(a for a in _typed_axes(x, 2) if a not in batch + seq_axes))
-  return P(*spec)
-
-
-def _conform(x, mesh, spec):
-  """Reshards x to `spec` on its Explicit axes (Auto axes are shard_map's to move)."""
-  explicit = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-  want = tuple(_spec_entry(tuple(a for a in _names(e) if a in explicit)) for e in spec)
-  have = tuple(_spec_entry(_typed_axes(x, d)) for d in range(x.ndim))
-  if not explicit or want == have:
-    return x
-  return jax.sharding.reshard(x, NamedSharding(mesh, P(*want)))
 
 
 def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, return_lse, kw):
@@ -195,15 +136,13 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
   # specs name every sequence axis of the mesh, size 1 or not, so the output's sharding type
   # is the input's; the collectives run over the axes of size > 1 only
   seq_axes = tuple(a for a in (ring_axis, ulysses_axis) if a in mesh.axis_names)
-  batch = _batch_axes(q, mesh, seq_axes, batch_axes)
-  args = [q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids]
-  in_specs = tuple(P() if x is None else _manual_spec(x, batch, seq_axes, 1) for x in args)
-  args = [None if x is None else _conform(x, mesh, spec) for x, spec in zip(args, in_specs)]
+  batch = manual.batch_axes(q, mesh, seq_axes, batch_axes)
+  degree = {"usp": U, "ulysses": R * U}.get(strategy, 1)  # the local heads split this far inside
+  heads = manual.head_axes(q, k.shape[2], mesh, batch + seq_axes, per_device_divisor=degree)
+  args = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  in_specs = tuple(None if x is None else manual.array_spec(x, batch, seq_axes, heads)
+                   for x in args)
   out_spec = in_specs[0]
-  lse_spec = P(out_spec[0], out_spec[2], out_spec[1])
-  manual = {a for spec in in_specs for entry in spec for a in _names(entry)}
-  if not manual:  # nothing is split: no shard_map (an empty axis_names would mean every axis)
-    return body(*args)
-  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, axis_names=manual, check_vma=False,
-                     out_specs=(out_spec, lse_spec) if return_lse else out_spec)
-  return fn(*args)
+  return manual.region(body, mesh, args, in_specs,
+                       (out_spec, manual.lse_spec(batch, seq_axes, heads)) if return_lse
+                       else out_spec)

@@ -54,7 +54,7 @@ class BlockSizes:
 
   @classmethod
   def default(cls, kernel: str, backend: str) -> "BlockSizes":
-    """kernel "xla" | "pallas"; backend as jax.default_backend() names it."""
+    """kernel "xla" | "pallas"; backend "cpu" | "gpu" | "tpu", the platform compiled for."""
     table = {("xla", "cpu"): (512, 512), ("xla", "gpu"): (512, 512), ("xla", "tpu"): (512, 1024),
              ("pallas", "tpu"): (512, 512), ("pallas", "cpu"): (128, 128),
              ("pallas", "gpu"): (128, 128)}
