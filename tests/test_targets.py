@@ -1,0 +1,230 @@
+"""Compiled TPU targets from this CPU machine: target strings, kernel dispatch by the mesh's
+platform, and lcjax's attention (Mosaic kernels inside shard_map, the USP ring, the model's layer)
+compiled ahead of time for compile-only TPU devices. Compiles prove lowering and schedule only.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcjax import mesh as mesh_lib
+from lcjax import ops, targets
+from lcjax.model.attention import Attention
+from lcjax.model.config import ModelConfig
+from lcjax.ops import manual
+from lcjax.ops.attention import resolve_implementation
+
+needs_libtpu = pytest.mark.skipif(
+    not targets.have_tpu_compiler(),
+    reason=f"libtpu is not installed (compile-only TPU devices): {targets.INSTALL}")
+
+
+def _mesh(target, **sizes):
+  """lcjax's six-axis Auto mesh over the target's compile-only devices."""
+  return mesh_lib.make_mesh({a: sizes.get(a, 1) for a in mesh_lib.AXES}, devices=target.devices())
+
+
+def _custom_calls(hlo):
+  return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo))
+
+
+def test_parse_targets():
+  t = targets.parse("tpu:v5p:2x2x2")
+  assert (t.platform, t.kind, t.topology, t.chips) == ("tpu", "v5p", (2, 2, 2), 8)
+  assert t.hbm_bytes_per_chip == 95 * targets.GiB
+  assert targets.parse("tpu:v6e:4x4").hbm_bytes_per_chip == 32 * targets.GiB
+  assert targets.parse("tpu:v5e:2x2").topology_name == "v5e:2x2"
+  assert targets.parse("tpu:v4:2x2x1").hbm_bytes_per_chip == 32 * targets.GiB
+  for bad in ("tpu:v9:2x2", "v5p:2x2x2", "tpu:v5p", "tpu:v5p:2xx2"):
+    with pytest.raises(ValueError, match=r"valid forms: tpu:v5p:AxBxC"):
+      targets.parse(bad)
+  with pytest.raises(ValueError, match=r"GPU targets are not available yet"):
+    targets.parse("gpu:h100:8")
+  with pytest.raises(ValueError, match=r"a v5p topology has 3 positive dimensions"):
+    targets.parse("tpu:v5p:4x4")
+  with pytest.raises(ValueError, match=r"a v6e topology has 2 positive dimensions"):
+    targets.parse("tpu:v6e:2x2x1")
+
+
+def test_missing_libtpu_names_the_install(monkeypatch):
+  monkeypatch.setattr(targets, "have_tpu_compiler", lambda: False)
+  targets._topology.cache_clear()
+  with pytest.raises(ImportError, match=r"needs libtpu.*pip install -r requirements-targets.txt"):
+    targets.parse("tpu:v5e:2x2").devices()
+  targets._topology.cache_clear()
+
+
+def test_platform_follows_the_mesh_on_cpu():
+  assert manual.platform() == "cpu" and resolve_implementation("auto") == "xla"
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    assert manual.platform() == "cpu"
+    assert resolve_implementation("pallas") == "pallas_interpret"
+
+
+@needs_libtpu
+def test_auto_resolves_to_the_mosaic_kernel_on_a_tpu_mesh():
+  """Under a TPU mesh, in and out of jit and shard_map: "auto" is the Mosaic kernel, never the
+  interpreter, though this host's default backend is the CPU."""
+  target = targets.parse("tpu:v5p:2x2x1")
+  assert jax.default_backend() == "cpu" and len(target.devices()) == 4
+  assert target.devices()[0].platform == "tpu"
+  mesh = _mesh(target, fsdp=2, tensor=2)
+  seen = []
+
+  def f(x):
+    seen.append((manual.platform(), resolve_implementation("auto"), resolve_implementation("pallas")))
+    inner = jax.shard_map(lambda y: (seen.append(resolve_implementation("auto")), y)[1],
+                          mesh=jax.sharding.get_abstract_mesh(), in_specs=P(), out_specs=P())
+    return inner(x)
+
+  with jax.set_mesh(mesh):
+    assert manual.platform() == "tpu"
+    jax.jit(f).lower(jax.ShapeDtypeStruct((8,), jnp.float32))
+  assert seen == [("tpu", "pallas", "pallas"), "pallas"]
+  assert manual.platform(mesh) == "tpu" and manual.platform() == "cpu"
+
+
+# (name, T, Hq, Hkv, keywords): each feature of the masking semantics at least once, odd
+# lengths, GQA and MQA; combined to keep the compiles few
+KERNEL_CASES = [
+    ("causal-segments-gqa-odd", 333, 6, 2, dict(causal=True, segments=True)),
+    ("window-softcap-mqa", 256, 4, 1, dict(causal=True, sliding_window=100, softcap=30.0)),
+    ("full-odd", 200, 4, 4, dict()),
+]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["tpu:v5p:2x2x1", "tpu:v6e:2x2"])
+@pytest.mark.parametrize("name, T, H, K, kw", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_pallas_attention_compiles_for_tpu(topology, name, T, H, K, kw):
+  """ops.attention forward + backward on an fsdp x tensor mesh: "auto" is the Mosaic kernel,
+  run in a shard_map (forward, dK/dV and dQ kernels on [B/2, T, H/2, D] blocks)."""
+  target = targets.parse(topology)
+  mesh = _mesh(target, fsdp=2, tensor=2)
+  B, D = 4, 128
+  kw = dict(kw)
+  segments = kw.pop("segments", False)
+  batch = NamedSharding(mesh, P("fsdp"))
+  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16, sharding=batch)
+  kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16, sharding=batch)
+  ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch)
+
+  def loss(q, k, v, seg):
+    out, lse = ops.attention(q, k, v, q_segment_ids=seg if segments else None,
+                             kv_segment_ids=seg if segments else None, return_lse=True, **kw)
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(jnp.where(lse > -jnp.inf, lse, 0))
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, ids).compile()
+  hlo = compiled.as_text()
+  assert _custom_calls(hlo) == 3, _custom_calls(hlo)  # forward, dK/dV, dQ: Mosaic, not interpreted
+  heads = H // 2 if K % 2 == 0 else H  # tensor splits heads only when it divides Hkv too
+  assert f"bf16[{B // 2},{heads},{T}," in hlo or f"bf16[{B // 2},{heads},{-(-T // 8) * 8}," in hlo
+  assert compiled.memory_analysis() is not None  # the target's own memory analysis
+
+
+def _async_permutes_around_compute(hlo):
+  """(# collective-permute-start, # of them with a Mosaic call scheduled before their done)."""
+  total = overlapped = 0
+  for body in re.split(r"\n(?=\S)", hlo):  # one computation per block, instructions in order
+    lines = body.splitlines()
+    for i, line in enumerate(lines):
+      m = re.match(r"\s*(%?[\w.\-]+) = .*collective-permute-start\(", line)
+      if not m:
+        continue
+      total += 1
+      done = next((j for j in range(i + 1, len(lines))
+                   if "collective-permute-done(" in lines[j] and m.group(1) in lines[j]), i)
+      overlapped += any("tpu_custom_call" in x or " fusion(" in x for x in lines[i + 1:done])
+  return total, overlapped
+
+
+@needs_libtpu
+def test_sequence_parallel_usp_compiles_for_v5p_with_async_ring():
+  """USP ring 2 x ulysses 2 with fsdp 2 on v5p:2x2x2: the local Mosaic kernels compile inside the
+  shard_map (manual over every axis), and the ring's collective-permutes are asynchronous in
+  the TPU schedule with compute between start and done."""
+  target = targets.parse("tpu:v5p:2x2x2")
+  mesh = _mesh(target, fsdp=2, ring=2, ulysses=2)
+  B, S, H, K, D = 2, 256, 4, 2, 128
+  spec = NamedSharding(mesh, P("fsdp", ("ring", "ulysses")))
+  q = jax.ShapeDtypeStruct((B, S, H, D), jnp.bfloat16, sharding=spec)
+  kv = jax.ShapeDtypeStruct((B, S, K, D), jnp.bfloat16, sharding=spec)
+
+  def loss(q, k, v):
+    out = ops.sequence_parallel_attention(q, k, v, mesh=jax.sharding.get_abstract_mesh(),
+                                          strategy="usp", causal=True)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile().as_text()
+  assert _custom_calls(hlo) > 0
+  assert " all-to-all(" in hlo or "all-to-all-start(" in hlo
+  assert not re.search(r"\scollective-permute\(", hlo), "a synchronous collective-permute"
+  total, overlapped = _async_permutes_around_compute(hlo)
+  assert total > 0 and hlo.count("collective-permute-done(") == total
+  assert overlapped > 0, (total, overlapped)
+
+
+@needs_libtpu
+def test_model_attention_layer_compiles_on_a_v5p_fsdp_mesh():
+  """The model's attention layer, forward + backward on fsdp 4: without the shard_map this fails
+  with "Mosaic kernels cannot be automatically partitioned"."""
+  target = targets.parse("tpu:v5p:2x2x1")
+  mesh = _mesh(target, fsdp=4)
+  cfg = ModelConfig(vocab_size=256, num_layers=1, embed_dim=128, num_heads=4, num_kv_heads=2,
+                    head_dim=128, mlp_dim=256, dtype="bfloat16", sliding_window=64)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Attention(cfg, nnx.Rngs(0))))
+  params = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.logical_sharding(
+          v.shape, v.get_metadata()["logical_axes"], mesh)),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  B, T = 8, 384
+  batch = mesh_lib.batch_sharding(mesh)
+  x = jax.ShapeDtypeStruct((B, T, cfg.embed_dim), jnp.bfloat16, sharding=mesh_lib.batch_sharding(
+      mesh, 3))
+  ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch)
+
+  def loss(params, x, pos, seg):
+    out = nnx.merge(graphdef, params)(x, pos, seg)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, ids, ids).compile()
+  assert _custom_calls(compiled.as_text()) == 3
+  stats = compiled.memory_analysis()
+  assert stats.argument_size_in_bytes < target.hbm_bytes_per_device
+
+
+def test_mosaic_region_matches_reference_on_cpu():
+  """The shard_map that carries the Mosaic kernel, run here with the blockwise kernel in its
+  place on 8 CPU devices (data 2 x fsdp 2 x tensor 2): same output and gradients as the dense
+  reference, with batch and heads split."""
+  from lcjax.ops.attention import _mosaic_in_manual_region
+  from lcjax.ops.blockwise import blockwise_attention
+  mesh = mesh_lib.make_mesh({a: {"data": 2, "fsdp": 2, "tensor": 2}.get(a, 1) for a in mesh_lib.AXES})
+  rng = np.random.default_rng(0)
+  B, T, H, K, D = 4, 45, 6, 2, 8
+  q = rng.standard_normal((B, T, H, D)).astype(np.float32)
+  k, v = (rng.standard_normal((B, T, K, D)).astype(np.float32) for _ in range(2))
+  seg = np.sort(rng.integers(0, 3, (B, T)), axis=1).astype(np.int32)
+  pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  kw = dict(causal=True, sliding_window=20, softcap=None, scale=D ** -0.5)
+
+  def run(attend):
+    def loss(q, k, v):
+      out, lse = attend(q, k, v)
+      return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(lse > -jnp.inf, jnp.sin(lse), 0))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  ids = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+  want = run(lambda q, k, v: ops.reference_attention(q, k, v, return_lse=True, **ids, **kw))
+  with jax.set_mesh(mesh):
+    got = run(lambda q, k, v: _mosaic_in_manual_region(
+        q, k, v, local=blockwise_attention, **ids, **kw))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
