@@ -152,9 +152,9 @@ class Checkpointer:
     try:
       metadata = self.manager.item_metadata(step)["state"]
     except Exception as e:  # orbax raises many kinds; all mean the same to the user
-      raise ValueError(f"checkpoint {self.workdir / 'checkpoints' / str(step)} has no readable "
-                       f"metadata ({type(e).__name__}); delete that step's directory to resume "
-                       "from an earlier one, or use a new --workdir") from None
+      raise ValueError(f"checkpoint {self.workdir / 'checkpoints' / str(step)} cannot be restored "
+                       f"(its metadata is unreadable: {type(e).__name__}); delete that step's "
+                       "directory to resume from an earlier one, or use a new --workdir") from None
     difference = first_difference(getattr(metadata, "tree", metadata), abstract_state)
     if difference is None:
       return
@@ -175,13 +175,19 @@ class Checkpointer:
     """Only the leaves of `abstract_part` (a subtree of the saved state), placed as its
     shardings say."""
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_part)
+    # A partial read goes through the PyTree handler: a manager of its own, without the
+    # standard handler this one registers for "state".
+    reader = ocp.CheckpointManager(self.workdir / "checkpoints",
+                                   options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      return reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=abstract_part, restore_args=restore_args, partial_restore=True)))["state"]
     except Exception as e:
       raise ValueError(f"checkpoint {self.workdir / 'checkpoints' / str(step)} does not hold the "
                        f"parameters this config expects ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200]})") from None
+    finally:
+      reader.close()
 
   def save(self, step, state, data_position: dict, *, force=False):
     return self.manager.save(step, force=force, args=ocp.args.Composite(

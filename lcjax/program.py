@@ -16,7 +16,9 @@ Inner and outer are *stages* with one interface, so the program below knows no v
   model_params(state), model_param_decls, model_params_saved_path
                             the parameters evaluation and sampling use, and where a checkpoint
                             holds them
-  describe(), annotate(step, record)     start-record and per-record fields
+  describe(), measure(state), annotate(step, record)
+                            start-record fields (declared, measured on the live state) and
+                            host-side fields of each train record
 The state starts from a source, in the resume order: this run's checkpoint, then another
 run's (outer.init_from), then scratch.
 """
@@ -93,10 +95,13 @@ class Program:
     state, metrics, extra = self._step(state, batch)
     return self.stage.finish(state, extra), metrics
 
+  def trace(self, abstract_batch) -> jax.stages.Traced:
+    return self._step.trace(self.live.abstract, abstract_batch)
+
   def compile(self, abstract_batch):
     """(runner, compiled): the one ahead-of-time compile of the step; runner(state, batch) ->
     (state, metrics) runs it; compiled.memory_analysis() gives its memory."""
-    compiled = self._step.trace(self.live.abstract, abstract_batch).lower().compile()
+    compiled = self.trace(abstract_batch).lower().compile()
 
     def run(state, batch):
       state, metrics, extra = compiled(state, batch)
@@ -144,7 +149,8 @@ class Program:
     return restored
 
   def describe(self) -> dict:
-    return {"program/stage": _stage_names(self.stage), **self.stage.describe()}
+    return {"program/stage": _stage_names(self.stage),
+            "program/unshardable": list(self.unshardable), **self.stage.describe()}
 
   def annotate(self, step, record):
     return self.stage.annotate(step, record)

@@ -98,9 +98,8 @@ def _start_record(program, model_cfg, config, compiled, state, peak_flops):
   optimizer_state = {k: v for k, v in state.items() if k in ("params", "opt_state")}
   record.update(metrics_lib.state_bytes_by_memory_kind(optimizer_state))
   record.update(program.describe())
-  measure = getattr(program.stage, "measure_update_s", None)
-  if measure is not None and not isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
-    record["optim/measured_update_s"] = measure(state)
+  if not isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):  # a live state
+    record.update(program.stage.measure(state))
   return record
 
 

@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lcjax import config as config_lib  # noqa: E402
-from lcjax import step as step_lib  # noqa: E402
+from lcjax import parts as parts_lib  # noqa: E402
+from lcjax import program as program_lib  # noqa: E402
 from lcjax.train import prepare  # noqa: E402
 
 CASES = {"a_device": dict(offload=False),
@@ -45,13 +46,14 @@ def _config(args, optim):
 
 
 def run_case(args, name, optim):
-  c, mesh, ds, model_cfg = prepare(_config(args, optim))
+  prepared = prepare(_config(args, optim))
+  c, mesh, ds, model_cfg = prepared
   with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, c, mesh)
-    state = steps.init()
-    batch = step_lib.device_batch(ds.train_batch(0, c.train.batch_size), steps.batch_sharding)
-    runner, _ = steps.compile(step_lib.abstract_batch(c.train.batch_size, c.train.seq_len,
-                                                      steps.batch_sharding))
+    program = program_lib.build(prepared)
+    state, _ = program.init(program_lib.Scratch())
+    batch = parts_lib.device_batch(ds.train_batch(0, c.train.batch_size), program.batch_sharding)
+    runner, _ = program.compile(parts_lib.abstract_batch(c.train.batch_size, c.train.seq_len,
+                                                         program.batch_sharding))
     times = []
     for i in range(args.steps + 2):  # two warm-up steps
       start = time.perf_counter()
@@ -61,9 +63,8 @@ def run_case(args, name, optim):
         times.append(time.perf_counter() - start)
     row = {"case": name, "params": model_cfg.param_count(),
            "step_s": float(np.median(times))}
-    if steps.offload is not None:
-      row.update(steps.offload.describe())
-      row["optim/measured_update_s"] = steps.offload.measure_update_s(state)
+    row.update(program.describe())
+    row.update(program.stage.measure(state))
   return row
 
 

@@ -39,13 +39,27 @@ def read_losses(workdir) -> dict:
   return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def scratch_program(config):
-  """(program, prepared, state at step 0) of a config; call under jax.set_mesh(prepared.mesh)."""
+def scratch_program(prepared):
+  """(program, state at step 0) of a prepared run; call under jax.set_mesh(prepared.mesh)."""
   from lcjax import program as program_lib
+  program = program_lib.build(prepared)
+  return program, program.init(program_lib.Scratch())[0]
+
+
+def train_steps(config, n_steps=4):
+  """(program, live state, losses) after n_steps from scratch, batch i = sequences 8i..8i+7."""
+  from lcjax import parts as parts_lib
   from lcjax.train import prepare
   prepared = prepare(config)
-  program = program_lib.build(prepared)
-  return program, prepared, program.init(program_lib.Scratch())[0]
+  with jax.set_mesh(prepared.mesh):
+    program, state = scratch_program(prepared)
+    losses = []
+    for i in range(n_steps):
+      batch = parts_lib.device_batch(prepared.datasets.train_batch(i * 8, 8),
+                                     program.batch_sharding)
+      state, m = program.step(state, batch)
+      losses.append(float(m["train/loss"]))
+  return program, state, losses
 
 
 @pytest.fixture(name="tiny_config")
@@ -56,3 +70,25 @@ def _tiny_config_fixture():
 @pytest.fixture(name="read_losses")
 def _read_losses_fixture():
   return read_losses
+
+
+@pytest.fixture
+def crash_on_evaluation(monkeypatch):
+  """crash_on_evaluation(n, error) makes lcjax.train.evaluate raise `error` on its n-th call from
+  then on, as if the run were killed there; it returns a function that undoes it."""
+  from lcjax import train as train_lib
+  original = train_lib.evaluate
+
+  def arm(n, error):
+    calls = []
+
+    def evaluate(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == n:
+        raise error
+      return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "evaluate", evaluate)
+    return lambda: monkeypatch.setattr(train_lib, "evaluate", original)
+
+  return arm

@@ -14,13 +14,14 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
-from lcjax import train as train_lib
 from lcjax import mesh as mesh_lib
 from lcjax import parts as parts_lib
 from lcjax import program as program_lib
+from lcjax.optim import inner as inner_lib
+from lcjax.state_spec import Decl
 from lcjax.outer import compression, diloco
 from lcjax.train import prepare, train_and_evaluate
-from conftest import read_losses as _losses, scratch_program, tiny_config
+from conftest import read_losses as _losses, tiny_config, train_steps
 
 DIM = 6
 
@@ -32,29 +33,17 @@ def _quadratic_parts(mesh, inner_lr):
   replicated = mesh_lib.replicated(mesh)
   batch_sh = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
 
-  def create_state():
-    params = {"w": jnp.zeros((DIM,), jnp.float32)}
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
   def loss_fn(params, batch):
     m = batch["mask"]
     sq = 0.5 * jnp.sum((params["w"][None] - batch["x"]) ** 2, axis=1)
     return jnp.sum(m * sq) / jnp.sum(m), (jnp.sum(m * sq) / jnp.sum(m), jnp.sum(m))
 
-  def train_step(state, batch):
-    (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-             "opt_state": opt_state},
-            {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads), "train/tokens": count,
-             "train/lr": jnp.float32(inner_lr)})
-
-  abstract = jax.eval_shape(create_state)
-  shardings = jax.tree.map(lambda _: replicated, abstract)
-  return step_lib.Parts(
-      graphdef=None, abstract_state=abstract, state_shardings=shardings, batch_sharding=batch_sh,
-      create_state=create_state, loss_fn=loss_fn, train_step=train_step,
-      eval_step=lambda params, batch: loss_fn(params, batch)[1], lr_schedule=None)
+  abstract = {"w": jax.ShapeDtypeStruct((DIM,), jnp.float32)}
+  parts = parts_lib.Parts(
+      graphdef=None, abstract_params=abstract, param_decls={"w": Decl((None,))},
+      create_params=lambda: {"w": jnp.zeros((DIM,), jnp.float32)}, loss_fn=loss_fn,
+      eval_step=lambda params, batch: loss_fn(params, batch)[1], batch_sharding=batch_sh)
+  return inner_lib.Plain(parts, tx, lambda step: jnp.float32(inner_lr))
 
 
 def _outer_config(**outer):
@@ -67,10 +56,12 @@ def _quadratic_run(batches, inner_lr=0.1, replicas=2, **outer):
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(
       dict(replica=replicas, data=-1, fsdp=1, ring=1, ulysses=1, tensor=1)))
   with jax.set_mesh(mesh):
-    steps = diloco.build(_quadratic_parts(mesh, inner_lr), _outer_config(**outer), mesh)
-    state, records = steps.init(), []
+    inner = _quadratic_parts(mesh, inner_lr)
+    program = program_lib.Program(diloco.DiLoCo(inner, _outer_config(**outer).outer, replicas, mesh),
+                                  inner.parts, inner.tx, mesh)
+    state, records = program.init(program_lib.Scratch())[0], []
     for batch in batches:
-      state, metrics = steps.train(state, jax.device_put(batch, steps.batch_sharding))
+      state, metrics = program.step(state, jax.device_put(batch, program.batch_sharding))
       records.append(jax.device_get(state))
   return records
 
@@ -214,19 +205,18 @@ def _diloco_config(**outer):
   return c
 
 
+def _run(config, n_steps=4):
+  """(losses, the parameters evaluation uses, the live state) after n_steps."""
+  program, state, losses = train_steps(config, n_steps)
+  with jax.set_mesh(program.mesh):
+    return losses, jax.device_get(program.model_params(state)), state
+
+
 def test_h1_with_inner_sgd_and_outer_lr_1_equals_data_parallelism():
   def run(config):
     config.optim.update(name="sgd", momentum=0.0, clip_norm=0.0)
     config.train.update(lr=0.5, warmup_steps=1)
-    c, mesh, ds, model_cfg = prepare(config)
-    with jax.set_mesh(mesh):
-      steps = step_lib.build(model_cfg, c, mesh)
-      state, losses = steps.init(), []
-      for i in range(4):
-        state, m = steps.train(state, step_lib.device_batch(ds.train_batch(i * 8, 8),
-                                                            steps.batch_sharding))
-        losses.append(float(m["train/loss"]))
-      return losses, jax.device_get(steps.eval_params(state))
+    return _run(config)[:2]
 
   plain = tiny_config()
   plain.mesh.update(data=8, fsdp=1)
@@ -242,25 +232,14 @@ def _records(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_mid_round_is_exact_and_records_outer_metrics(tmp_path):
+def test_resume_mid_round_is_exact_and_records_outer_metrics(tmp_path, crash_on_evaluation):
   config = _diloco_config(inner_steps=4, compression="int8")  # checkpoints at 3 and 6: mid-round
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train_and_evaluate(config, straight)
-  original = train_lib.evaluate
-  calls = []
-
-  def crash_on_second_evaluation(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 2:
-      raise RuntimeError("simulated crash")
-    return original(*args, **kwargs)
-
-  train_lib.evaluate = crash_on_second_evaluation
-  try:
-    with pytest.raises(RuntimeError, match="simulated crash"):
-      train_and_evaluate(config, resumed)
-  finally:
-    train_lib.evaluate = original
+  disarm = crash_on_evaluation(2, RuntimeError("simulated crash"))
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train_and_evaluate(config, resumed)
+  disarm()
   train_and_evaluate(config, resumed)
   assert _losses(resumed) == _losses(straight)
   records = _records(straight)
@@ -308,11 +287,19 @@ def test_bad_outer_config(update, message):
     config_lib.validate(c)
 
 
-def test_offload_with_diloco_is_refused():
-  c = _diloco_config()
-  c.optim.offload = True
-  with pytest.raises(ValueError, match="not supported"):
-    config_lib.validate(c)
+def test_offload_inside_islands_trains_like_diloco_without_it():
+  plain_losses, plain_theta, _ = _run(_diloco_config(inner_steps=2), n_steps=5)
+  offloaded = _diloco_config(inner_steps=2)
+  offloaded.optim.update(offload=True, subgroup_mb=0.01)
+  losses, theta, state = _run(offloaded, n_steps=5)
+  np.testing.assert_allclose(losses, plain_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(plain_theta)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # Every island's master params and moments live in host memory, [R, ...] over replica.
+  for x in jax.tree.leaves({"p": state["params"], "o": state["opt_state"]}):
+    assert x.sharding.memory_kind == "pinned_host"
+    assert x.shape[0] == 2
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(state["compute"])} == {"device"}
 
 
 def test_islands_start_from_a_plain_run(tmp_path):
@@ -322,11 +309,11 @@ def test_islands_start_from_a_plain_run(tmp_path):
   train_and_evaluate(plain, tmp_path / "plain")  # 6 steps, checkpoints at 3 and 6
   continued = _diloco_config(inner_steps=2, init_from=str(tmp_path / "plain"))
   continued.train.update(steps=8)
-  c, mesh, _, model_cfg = prepare(continued)
-  with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, c, mesh)
-    state, next_sequence = train_lib._start_from_plain_run(steps, tmp_path / "plain")
-    _, saved, position = checkpoint_lib.restore_other(tmp_path / "plain", steps.from_plain[0])
+  prepared = prepare(continued)
+  with jax.set_mesh(prepared.mesh):
+    program = program_lib.build(prepared)
+    state, next_sequence = program.init(program_lib.OtherRun(str(tmp_path / "plain")))
+    _, saved, position = checkpoint_lib.restore_other(tmp_path / "plain", program.base_abstract())
   state, saved = jax.device_get((state, saved))
   assert int(state["step"]) == 6 and next_sequence == position["next_sequence"] == 48
   for theta, islands, p in zip(jax.tree.leaves(state["outer"]["params"]),

@@ -16,7 +16,7 @@ from lcjax import parts as parts_lib
 from lcjax import program as program_lib
 from lcjax.optim import host_lane, perf_model
 from lcjax.train import prepare, train_and_evaluate
-from conftest import read_losses as _losses, scratch_program, tiny_config
+from conftest import read_losses as _losses, tiny_config, train_steps
 
 FIGURES = dict(h2d_gbps=10.0, d2h_gbps=10.0, host_update_gbps=1.0, device_update_gbps=100.0)
 
@@ -28,21 +28,9 @@ def offload_config(update_on="auto", **optim):
   return c
 
 
-def _train(config, n_steps=4):
-  c, mesh, ds, model_cfg = prepare(config)
-  with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, c, mesh)
-    state, losses = steps.init(), []
-    for i in range(n_steps):
-      batch = step_lib.device_batch(ds.train_batch(i * 8, 8), steps.batch_sharding)
-      state, m = steps.train(state, batch)
-      losses.append(float(m["train/loss"]))
-  return steps, state, losses
-
-
 @pytest.fixture(scope="module")
 def reference():
-  _, state, losses = _train(tiny_config())
+  _, state, losses = train_steps(tiny_config())
   return jax.device_get(steps_saved(state)), losses
 
 
@@ -56,13 +44,14 @@ def steps_saved(state):
 ])
 def test_offload_trains_like_optax_adamw_on_device(reference, update_on, host_lane):
   ref_state, ref_losses = reference
-  steps, state, losses = _train(offload_config(update_on, host_lane=host_lane))
-  assert steps.offload.host_lane_kind == ("jit" if host_lane == "auto" else host_lane)
-  on_device = steps.offload.on_device
+  program, state, losses = train_steps(offload_config(update_on, host_lane=host_lane))
+  opt = program.stage.opt
+  assert opt.host_lane_kind == ("jit" if host_lane == "auto" else host_lane)
+  on_device = opt.on_device
   assert len(on_device) > 3
   assert any(on_device) == (update_on != "host") and all(on_device) == (update_on == "device")
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
-  got = jax.device_get(steps.saved(state))
+  got = jax.device_get(program.saved_view(state))
   assert jax.tree.structure(got) == jax.tree.structure(ref_state)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_state)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -78,17 +67,21 @@ def test_offload_trains_like_optax_adamw_on_device(reference, update_on, host_la
 
 def _transfers(jaxpr, source, target):
   """The top-level device_put equations of `jaxpr` from one memory space to another."""
+  def kind(destination):  # a sharding with a memory kind, or a jax.memory.Space
+    return getattr(destination, "memory_kind", None) or {
+        "Device": "device", "Host": "pinned_host"}.get(getattr(destination, "name", None))
+
   return [e for e in jaxpr.eqns if e.primitive.name == "device_put"
           and all(v.aval.memory_space.name == source for v in e.invars)
-          and all(s.memory_kind == target for s in e.params["devices"])]
+          and all(kind(s) == target for s in e.params["devices"])]
 
 
 def test_device_lane_moves_its_state_inside_the_step_jit():
-  c, mesh, _, model_cfg = prepare(offload_config("alternate"))
-  with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, c, mesh)
-    traced = steps.trace(step_lib.abstract_batch(8, 32, steps.batch_sharding))
-  opt = steps.offload
+  prepared = prepare(offload_config("alternate"))
+  with jax.set_mesh(prepared.mesh):
+    program = program_lib.build(prepared)
+    traced = program.trace(parts_lib.abstract_batch(8, 32, program.batch_sharding))
+  opt = program.stage.opt
   n_device, n_host = len(opt.device_leaves), len(opt.host_leaves)
   assert n_device > 0 and n_host > 0
   jaxpr = traced.jaxpr.jaxpr
@@ -103,26 +96,27 @@ def test_device_lane_moves_its_state_inside_the_step_jit():
 
 def test_init_and_restore_build_the_state_in_host_memory(tmp_path):
   config = offload_config("alternate")
-  c, mesh, _, model_cfg = prepare(config)
+  prepared = prepare(config)
+  c, mesh = prepared.config, prepared.mesh
   with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, c, mesh)
+    program = program_lib.build(prepared)
     # The init jit itself returns master params and moments in pinned_host (no device_put after).
-    out = steps.init.lower().compile().output_shardings
-    state = steps.init()
+    out = program.live.shardings
+    state, _ = program.init(program_lib.Scratch())
   for kind, tree in (("pinned_host", {"p": out["params"], "o": out["opt_state"]}),
                      ("device", out["compute"])):
     assert {s.memory_kind for s in jax.tree.leaves(tree)} == {kind}
   for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(out)):
     assert a.sharding.memory_kind == s.memory_kind
-  abstract = steps.abstract_state
+  abstract = program.saved.abstract
   for x in jax.tree.leaves({"p": abstract["params"], "o": abstract["opt_state"]}):
     assert x.sharding.memory_kind == "pinned_host"
   checkpointer = checkpoint_lib.Checkpointer(tmp_path, c)
   try:
-    checkpointer.save(0, steps.saved(state), {"next_sequence": 0}, force=True)
+    checkpointer.save(0, program.saved_view(state), {"next_sequence": 0}, force=True)
     checkpointer.manager.wait_until_finished()
     with jax.set_mesh(mesh):
-      restored, _ = checkpointer.restore(0, steps.abstract_state)
+      restored, _ = checkpointer.restore(0, program.saved.abstract)
   finally:
     checkpointer.close()
   for x in jax.tree.leaves({"p": restored["params"], "o": restored["opt_state"]}):
@@ -180,17 +174,16 @@ def test_measured_figures_and_start_record(tmp_path):
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
   config = offload_config("alternate")
-  steps, state, _ = _train(config, n_steps=2)
+  program, state, _ = train_steps(config, n_steps=2)
   checkpointer = checkpoint_lib.Checkpointer(tmp_path, config_lib.validate(config))
   try:
-    checkpointer.save(2, steps.saved(state), {"next_sequence": 16}, force=True)
+    checkpointer.save(2, program.saved_view(state), {"next_sequence": 16}, force=True)
     checkpointer.manager.wait_until_finished()
-    with jax.set_mesh(steps.mesh):
-      restored, position = checkpointer.restore(2, steps.abstract_state)
-      restored = steps.attach(restored)
+    with jax.set_mesh(program.mesh):
+      restored, position = program.init(program_lib.ThisRun(checkpointer, 2))
   finally:
     checkpointer.close()
-  assert position == {"next_sequence": 16}
+  assert position == 16
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     assert a.sharding.memory_kind == b.sharding.memory_kind
     np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))

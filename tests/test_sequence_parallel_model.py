@@ -8,7 +8,6 @@ from flax import nnx
 
 from lcjax import config as config_lib
 from lcjax import parts as parts_lib
-from lcjax import program as program_lib
 from lcjax.train import prepare, train_and_evaluate
 from conftest import read_losses as _losses, scratch_program, tiny_config
 
@@ -21,17 +20,17 @@ def sp_config(strategy="usp", layout="zigzag", ring=2, ulysses=2):
 
 
 def _loss_and_grads(config):
-  config, mesh, datasets, model_cfg = prepare(config)
-  with jax.set_mesh(mesh):
-    steps = step_lib.build(model_cfg, config, mesh)
-    params = steps.init()["params"]
-    batch = step_lib.device_batch(datasets.train_batch(0, config.train.batch_size),
-                                  steps.batch_sharding)
+  prepared = prepare(config)
+  with jax.set_mesh(prepared.mesh):
+    program, state = scratch_program(prepared)
+    params = state["params"]
+    batch = parts_lib.device_batch(prepared.datasets.train_batch(0, prepared.config.train.batch_size),
+                                   program.batch_sharding)
 
     @jax.jit
     def loss_and_grads(params, batch):
       def loss(p):
-        _, cross_entropy, count = nnx.merge(steps.graphdef, p).loss_sums(batch)
+        _, cross_entropy, count = nnx.merge(program.parts.graphdef, p).loss_sums(batch)
         return cross_entropy / count
       return jax.value_and_grad(loss)(params)
 

@@ -21,9 +21,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_overfits_a_fixed_batch():
   c = tiny_config()
   c.train.update(steps=80, lr=1e-2, warmup_steps=5)
-  c, mesh, ds, model_cfg = prepare(c)
+  prepared = prepare(c)
+  c, mesh, ds, model_cfg = prepared
   with jax.set_mesh(mesh):
-    program, _, state = scratch_program(c)
+    program, state = scratch_program(prepared)
     batch = parts_lib.device_batch(ds.train_batch(0, 8), program.batch_sharding)
     losses = []
     for _ in range(80):
@@ -33,26 +34,14 @@ def test_overfits_a_fixed_batch():
   assert losses[-1] < 0.35 * losses[0], losses[::10]
 
 
-def test_stop_and_resume_logs_identical_losses(tmp_path):
+def test_stop_and_resume_logs_identical_losses(tmp_path, crash_on_evaluation):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train_and_evaluate(tiny_config(), straight)
   # The same run, killed during its second evaluation (step 6): its last checkpoint is step 3.
-  from lcjax import train as train_lib
-  original = train_lib.evaluate
-
-  def crash_after_first_checkpoint(*args, **kwargs):
-    if crash_after_first_checkpoint.calls == 1:
-      raise KeyboardInterrupt
-    crash_after_first_checkpoint.calls += 1
-    return original(*args, **kwargs)
-
-  crash_after_first_checkpoint.calls = 0
-  train_lib.evaluate = crash_after_first_checkpoint
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      train_and_evaluate(tiny_config(), resumed)
-  finally:
-    train_lib.evaluate = original
+  disarm = crash_on_evaluation(2, KeyboardInterrupt())
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(tiny_config(), resumed)
+  disarm()
   assert max(_losses(resumed)) >= 3
   result = train_and_evaluate(tiny_config(), resumed)
   a, b = _losses(straight), _losses(resumed)
@@ -119,7 +108,7 @@ def test_incompatible_and_corrupt_checkpoints_stop_without_overwriting(tmp_path)
   before = _snapshot(tmp_path / "checkpoints")
   changed = tiny_config()
   changed.model.embed_dim = 64
-  with pytest.raises(ValueError, match="holds a run with model="):
+  with pytest.raises(ValueError, match=r"cannot resume: .*embed.* model.embed_dim 32 -> 64"):
     train_and_evaluate(changed, tmp_path)
   assert _snapshot(tmp_path / "checkpoints") == before
   for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):

@@ -68,5 +68,9 @@ class Plain:
   def annotate(self, step, record):
     return record
 
+  def measure(self, state) -> dict:
+    """Start-record fields measured on the live state."""
+    return {}
+
   def describe(self) -> dict:
     return {}

@@ -231,18 +231,6 @@ class OffloadedAdamW:
     opt = [count if role == "count" else moments[role][i] for role, i in self.roles]
     return self.params_def.unflatten(p), self.opt_def.unflatten(opt)
 
-  def by_lane(self, tree):
-    """(device-lane leaves, host-lane leaves) of a tree shaped like the parameters."""
-    xs = jax.tree.leaves(tree)
-    return [xs[i] for i in self.device_leaves], [xs[i] for i in self.host_leaves]
-
-  def from_lanes(self, device_lane, host_lane):
-    """The inverse of `by_lane`."""
-    xs = [None] * len(self.host_sh)
-    for i, x in zip(self.device_leaves + self.host_leaves, list(device_lane) + list(host_lane)):
-      xs[i] = x
-    return self.params_def.unflatten(xs)
-
   def device_lane_state(self, params, opt_state):
     """(params, mu, nu) of the device-lane leaves, in host memory: `in_jit`'s state argument."""
     return tuple([xs[i] for i in self.device_leaves] for xs in self.split(params, opt_state))

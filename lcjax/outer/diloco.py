@@ -192,6 +192,10 @@ class DiLoCo:
     return {**record, "outer/bytes_communicated": int(record["outer/step"]) * self.bytes_per_sync,
             "outer/bytes_data_parallel": step * self.bytes_data_parallel_per_step}
 
+  def measure(self, state) -> dict:
+    """Start-record fields measured on the live state."""
+    return {}
+
   def describe(self) -> dict:
     return {"outer/replicas": self.R, "outer/inner_steps": self.H, "outer/compression": self.fmt,
             "outer/optimizer": self.optimizer_name, "outer/bytes_per_sync": self.bytes_per_sync,
