@@ -50,7 +50,8 @@ def _leaves(tree):
 def first_difference(saved_tree, new_tree):
   """One phrase naming the first leaf whose presence, shape or dtype differs; None if equal."""
   a, b = _leaves(saved_tree), _leaves(new_tree)
-  for key in sorted(set(a) | set(b)):
+  # Parameters first: they name what changed more plainly than the optimizer leaves mirroring them.
+  for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("params"), k)):
     if key not in b:
       return f"the checkpoint holds {key}, which this config does not build"
     if key not in a:

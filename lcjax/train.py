@@ -126,10 +126,12 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
       program = program_lib.build(prepared, aot=dry_run)
       for line in program.unshardable:
         print(f"[lcjax] not sharded: {line}")
+      latest = checkpointer.latest_step()
+      if latest is not None:  # refuse before compiling or touching the metrics
+        checkpointer.check_state(latest, program.saved.abstract)
       abstract_batch = parts_lib.abstract_batch(config.train.batch_size, config.train.seq_len,
                                                 program.batch_sharding)
       runner, compiled = program.compile(abstract_batch)
-      latest = checkpointer.latest_step()
       writer = metrics_lib.MetricsWriter(workdir, resume_step=latest)
       peak = config.train.peak_flops or metrics_lib.measure_peak_flops(mesh, model_cfg.compute_dtype)
       if dry_run:

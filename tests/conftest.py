@@ -25,7 +25,7 @@ def tiny_config(**mesh):
   c.train.update(steps=6, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=3,
                  eval_batches=1, log_every=1, sample_prompt="", peak_flops=1e9)
   c.checkpoint.update(every=3, keep=5)
-  c.mesh.update(data=2, fsdp=4, **mesh) if mesh else c.mesh.update(data=2, fsdp=4)
+  c.mesh.update(**{"data": 2, "fsdp": 4, **mesh})
   c.model.update(num_layers=2, num_levels=1, embed_dim=32, num_heads=4, num_kv_heads=2,
                  head_dim=8, mlp_dim=64)
   c.data.max_documents = 30

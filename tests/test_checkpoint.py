@@ -167,13 +167,7 @@ def test_the_unchanged_config_restores_the_saved_state_onto_another_mesh(plain_r
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(saved))
 
 
-@pytest.mark.parametrize("name", [
-    "seed",
-    pytest.param("embed_dim", marks=pytest.mark.xfail(strict=True, reason=(
-        "lcjax bug: train_and_evaluate opens its MetricsWriter (which drops the metrics.jsonl "
-        "records past the latest checkpoint and starts a TensorBoard event file) before "
-        "program.init checks the saved tree"))),
-])
+@pytest.mark.parametrize("name", ["seed", "embed_dim"])
 def test_a_refused_run_writes_nothing(name, plain_run, tmp_path):
   workdir = tmp_path / "run"  # killed after logging step 4, before its step-4 checkpoint
   shutil.copytree(plain_run, workdir)
