@@ -7,6 +7,7 @@ setuptools.setup(
     description="Long-context transformer training in JAX: sequence parallelism, mini-sequences, "
                 "host-offloaded optimizer states and DiLoCo/DiPaCo.",
     packages=setuptools.find_packages(include=["lcjax", "lcjax.*"]),
+    package_data={"lcjax": ["target_configs/*.txtpb"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2", "flax>=0.12", "optax>=0.2.5", "orbax-checkpoint>=0.11", "chex",

@@ -1,31 +1,40 @@
 """Fit finder: the compiled memory of a training step, and the longest sequence that fits a budget.
 
 Everything is compiled ahead of time from abstract inputs (`jax.ShapeDtypeStruct`), so real model
-shapes are planned on a CPU with fake devices and nothing is allocated. Per-device memory of a
-step = arguments + temporaries + outputs - outputs aliased to donated arguments.
+shapes are planned on a CPU with fake devices, or for a compile target's devices
+(`lcjax.targets`: the TPU or GPU compiler, its memory analysis), and nothing is allocated. A
+step's per-device memory is the compiler's peak where it reports one (TPU, GPU), else arguments +
+temporaries + outputs - outputs aliased to donated arguments (CPU). A target compiler that runs
+out of memory (RESOURCE_EXHAUSTED) gives a step that does not fit, with the figure it names.
 """
 import dataclasses
 import math
 
 import jax
 
+from lcjax import metrics as metrics_lib
 from lcjax import parts as parts_lib
 from lcjax import program as program_lib
 from lcjax.train import prepare
 
-
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
   seq_len: int
-  argument: int
-  temp: int
-  output: int
-  alias: int
-  host_temp: int
+  total: int           # the per-device bytes the step needs (`metrics.step_bytes`)
+  argument: int = 0
+  temp: int = 0
+  output: int = 0
+  alias: int = 0
+  host_temp: int = 0
+  exhausted: str = ""  # the target compiler's RESOURCE_EXHAUSTED message: the step does not fit
 
-  @property
-  def total(self) -> int:
-    return self.argument + self.temp + self.output - self.alias
+  def fits(self, budget_bytes: int) -> bool:
+    return not self.exhausted and self.total <= budget_bytes
+
+  def describe(self) -> str:
+    if self.exhausted:
+      return f"does not fit: {self.exhausted}"
+    return f"{self.total / 2**30:.2f} GiB"
 
 
 def mst_chunks(model_config) -> dict:
@@ -37,17 +46,25 @@ def mst_chunks(model_config) -> dict:
 
 
 def step_memory(config, seq_len: int, devices=None) -> StepMemory:
-  """Compiled per-device memory of the training step of `config` at `seq_len` tokens."""
+  """Compiled per-device memory of the training step of `config` at `seq_len` tokens, on
+  `devices` (default: this machine's; a target's `devices()` to plan for it)."""
   prepared = prepare(with_overrides(config, {"train.seq_len": seq_len}), with_data=False,
                      devices=devices)
   with jax.set_mesh(prepared.mesh):
     program = program_lib.build(prepared, aot=True)
     batch = parts_lib.abstract_batch(prepared.config.train.batch_size, seq_len,
                                      program.batch_sharding)
-    _, compiled = program.compile(batch)
+    try:
+      _, compiled = program.compile(batch)
+    except jax.errors.JaxRuntimeError as e:
+      message = metrics_lib.out_of_memory(e)
+      if message is None:
+        raise
+      return StepMemory(seq_len, metrics_lib.exhausted_bytes(message), exhausted=message)
     mem = compiled.memory_analysis()
-  return StepMemory(seq_len, mem.argument_size_in_bytes, mem.temp_size_in_bytes,
-                    mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.host_temp_size_in_bytes)
+  return StepMemory(seq_len, metrics_lib.step_bytes(mem), mem.argument_size_in_bytes,
+                    mem.temp_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                    mem.host_temp_size_in_bytes)
 
 
 def with_overrides(config, overrides: dict):
@@ -76,7 +93,7 @@ def longest_fitting(config, budget_bytes: int, *, granularity: int = 1024,
       probes[units] = step_memory(config, units * granularity, devices)
       if on_probe:
         on_probe(probes[units])
-    return probes[units].total <= budget_bytes
+    return probes[units].fits(budget_bytes)
 
   def predicted_last_fit(a, b):
     """Last unit under the budget on the line through a and b (a < b measured)."""
@@ -111,7 +128,7 @@ def longest_fitting(config, budget_bytes: int, *, granularity: int = 1024,
 
 
 def fit_table(config, budget_bytes: int, remat_policies, *, granularity=1024, max_len=1 << 22,
-              on_probe=None) -> list[dict]:
+              on_probe=None, devices=None) -> list[dict]:
   """Longest fitting sequence for each (MsT off/on) x remat policy."""
   rows = []
   for mst in (False, True):
@@ -122,7 +139,8 @@ def fit_table(config, budget_bytes: int, remat_policies, *, granularity=1024, ma
       else:
         overrides.update({"model.mlp_chunks": 1, "model.loss_chunks": 1})
       seq_len, mem = longest_fitting(with_overrides(config, overrides), budget_bytes,
-                                     granularity=granularity, max_len=max_len, on_probe=on_probe)
+                                     granularity=granularity, max_len=max_len, on_probe=on_probe,
+                                     devices=devices)
       rows.append({"mst": mst, "remat": remat, "seq_len": seq_len,
                    "memory_gb": mem.total / 2**30 if mem else math.nan,
                    "mlp_chunks": overrides["model.mlp_chunks"],

@@ -1,4 +1,5 @@
-"""CLI: python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=DIR [--config.a.b=v] [--dry_run]"""
+"""CLI: python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=DIR [--config.a.b=v]
+[--dry_run [--target=tpu:v5p:2x2x2 | gpu:h100:8 | ...]]"""
 import json
 
 from absl import app, flags, logging
@@ -8,6 +9,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumed if present")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "compile the step, report its size and memory, exit")
+_TARGET = flags.DEFINE_string("target", None, "with --dry_run: compile for this accelerator's "
+                              "compile-only devices (lcjax.targets: tpu:v5p:2x2x2, tpu:v6e:4x4, "
+                              "gpu:h100:8, gpu:h200:2x8, ...) and judge fit by its memory")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -17,8 +21,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from lcjax import train  # after absl parsed flags, so JAX sees the environment as set
   try:
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
-  except ValueError as e:
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value,
+                                      target=_TARGET.value)
+  except (ValueError, ImportError) as e:
     raise SystemExit(f"lcjax: error: {e}")
   print(json.dumps(result, indent=1, sort_keys=True))
   if "eval/loss" in result:

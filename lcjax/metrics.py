@@ -2,12 +2,15 @@
 import json
 import math
 import pathlib
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcjax.ops import manual
 
 
 class MetricsWriter:
@@ -60,7 +63,7 @@ def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
 def measure_peak_flops(mesh, dtype, size: int | None = None, repeats: int = 5) -> float:
   """Per-device matmul throughput (FLOP/s): one [n, n] @ [n, n] per device, median of repeats."""
   n_dev = mesh.devices.size
-  size = size or (512 if jax.default_backend() == "cpu" else 8192)
+  size = size or (512 if manual.platform(mesh) == "cpu" else 8192)
   sharding = NamedSharding(mesh, P(mesh.axis_names))
   a = jax.device_put(jnp.ones((n_dev, size, size), dtype), sharding)
   matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=sharding)
@@ -73,14 +76,45 @@ def measure_peak_flops(mesh, dtype, size: int | None = None, repeats: int = 5) -
   return 2 * size ** 3 / float(np.median(times))
 
 
+def step_bytes(mem) -> int:
+  """Per-device bytes of a compiled step from its memory_analysis(): the compiler's peak where
+  the backend reports one (TPU, GPU), else arguments + temporaries + outputs - outputs aliased to
+  donated arguments (CPU). On TPU the sum overstates the peak, as it adds buffers that never
+  coexist."""
+  peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  return peak or (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                  - mem.alias_size_in_bytes)
+
+
+def out_of_memory(error) -> str | None:
+  """The one-line message of a compile that ran out of the target's memory (RESOURCE_EXHAUSTED),
+  None for any other error."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    return None
+  return text.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def exhausted_bytes(message: str) -> int:
+  """The bytes an out-of-memory message says were required: its first "(221.89G)"-style figure
+  (libtpu's "required for HLO temporaries (221.89G) exceeds available HBM (95.74G)")."""
+  m = re.search(r"\(([\d.]+)\s*([KMGT]?)i?B?\)", message)
+  return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
+
+
 def compiled_memory(compiled) -> dict:
   """The compile/* fields of the start record, from the compiled step's memory_analysis()."""
   mem = compiled.memory_analysis()
   if mem is None:
     return {}
-  return {"compile/temp_bytes": mem.temp_size_in_bytes,
+  return {"compile/step_bytes": step_bytes(mem),
+          "compile/temp_bytes": mem.temp_size_in_bytes,
           "compile/argument_bytes": mem.argument_size_in_bytes,
           "compile/output_bytes": mem.output_size_in_bytes,
+          "compile/alias_bytes": mem.alias_size_in_bytes,
           "compile/host_argument_bytes": mem.host_argument_size_in_bytes,
           "compile/host_temp_bytes": mem.host_temp_size_in_bytes}
 

@@ -44,10 +44,20 @@ def param_decls(abstract_model) -> dict:
 
 
 def mirror(tx, abstract_opt_state, decls_params):
-  """Declarations of an optax state: each moment takes its parameter's; the rest replicated."""
-  return optax.tree_map_params(
-      tx, lambda _, decl: decl, abstract_opt_state, decls_params,
-      transform_non_params=lambda x: Decl((None,) * len(x.shape)), is_leaf=is_decl)
+  """Declarations of an optax state: each moment takes its parameter's; the rest replicated.
+
+  Traced, not run: `tree_map_params` calls `tx.init` on a placeholder, whose scalar counts would
+  otherwise be computed on the mesh's devices, which compile-only target devices cannot do."""
+  out = []
+
+  def trace():
+    out.append(optax.tree_map_params(
+        tx, lambda _, decl: decl, abstract_opt_state, decls_params,
+        transform_non_params=lambda x: Decl((None,) * len(x.shape)), is_leaf=is_decl))
+    return ()
+
+  jax.eval_shape(trace)
+  return out[0]
 
 
 def stacked(decls, name: str):

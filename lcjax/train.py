@@ -23,6 +23,7 @@ from lcjax import ops
 from lcjax import parts as parts_lib
 from lcjax import program as program_lib
 from lcjax import sample as sample_lib
+from lcjax import targets as targets_lib
 from lcjax.data.tokenizers import make_tokenizer
 from lcjax.model import ModelConfig
 
@@ -103,6 +104,14 @@ def _start_record(program, model_cfg, config, compiled, state, peak_flops):
   return record
 
 
+def _target_verdict(target, record) -> dict:
+  """The target's figures and whether the step fits its memory per device."""
+  budget, needed = target.hbm_bytes_per_device, record["compile/step_bytes"]
+  print(f"[lcjax] {target.name}: the step needs {needed / 2**30:.2f} GiB per device of "
+        f"{budget / 2**30:.2f} GiB: {'fits' if needed <= budget else 'does NOT fit'}")
+  return {**target.describe(), "compile/fits": needed <= budget}
+
+
 def state_source(config, checkpointer):
   """Where this run's state comes from, in the resume order: this run's latest checkpoint,
   then another run's (outer.init_from), then scratch."""
@@ -114,9 +123,17 @@ def state_source(config, checkpointer):
   return program_lib.Scratch()
 
 
-def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics."""
-  prepared = prepare(config)
+def train_and_evaluate(config, workdir, *, dry_run: bool = False, target=None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
+
+  dry_run: compile the step, write its start record, return it. `target` (a `targets.Target` or
+  its name, e.g. "tpu:v5p:2x2x2"; dry runs only) compiles for that accelerator's compile-only
+  devices: its memory analysis and schedule, judged against its memory."""
+  if target is not None and not dry_run:
+    raise ValueError(f"target {getattr(target, 'name', target)!r} has compile-only devices: "
+                     "nothing can run on them; add --dry_run to compile for it")
+  target = targets_lib.parse(target) if isinstance(target, str) else target
+  prepared = prepare(config, devices=target.devices() if target else None)
   config, mesh, datasets, model_cfg = prepared
   workdir = pathlib.Path(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
@@ -131,11 +148,21 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False) -> dict:
         checkpointer.check_state(latest, program.saved.abstract)
       abstract_batch = parts_lib.abstract_batch(config.train.batch_size, config.train.seq_len,
                                                 program.batch_sharding)
-      runner, compiled = program.compile(abstract_batch)
+      try:
+        runner, compiled = program.compile(abstract_batch)
+      except jax.errors.JaxRuntimeError as e:
+        if target is None or metrics_lib.out_of_memory(e) is None:
+          raise
+        raise ValueError(f"{target.name}: the step does not fit: {metrics_lib.out_of_memory(e)}; "
+                         "find one that does with scripts/fit.py or scripts/plan.py "
+                         f"--target={target.name}") from None
       writer = metrics_lib.MetricsWriter(workdir, resume_step=latest)
-      peak = config.train.peak_flops or metrics_lib.measure_peak_flops(mesh, model_cfg.compute_dtype)
+      peak = (config.train.peak_flops or (target.peak_flops_per_chip if target else
+              metrics_lib.measure_peak_flops(mesh, model_cfg.compute_dtype)))
       if dry_run:
         record = _start_record(program, model_cfg, config, compiled, program.live.abstract, peak)
+        if target:
+          record.update(_target_verdict(target, record))
         writer.write(latest or 0, {"dry_run": True, **record})
         return record
       source = state_source(config, checkpointer)

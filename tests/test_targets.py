@@ -42,27 +42,29 @@ def test_parse_targets():
   for bad in ("tpu:v9:2x2", "v5p:2x2x2", "tpu:v5p", "tpu:v5p:2xx2"):
     with pytest.raises(ValueError, match=r"valid forms: tpu:v5p:AxBxC"):
       targets.parse(bad)
-  with pytest.raises(ValueError, match=r"GPU targets are not available yet"):
-    targets.parse("gpu:h100:8")
+  for bad in ("gpu:v5p:8", "tpu:h100:8", "gpu:h100:2x2x8", "gpu:h100:0"):
+    with pytest.raises(ValueError, match=r"gpu:h100"):
+      targets.parse(bad)
+  g = targets.parse("gpu:h100:8")
+  assert (g.platform, g.kind, g.topology, g.chips, g.topology_name) == ("gpu", "h100", (1, 8), 8,
+                                                                       "1x1x8")
+  assert g.hbm_bytes_per_chip == 81559 * 2**20
+  assert targets.parse("gpu:h200:2x8").topology == (2, 8)
   with pytest.raises(ValueError, match=r"a v5p topology has 3 positive dimensions"):
     targets.parse("tpu:v5p:4x4")
   with pytest.raises(ValueError, match=r"a v6e topology has 2 positive dimensions"):
     targets.parse("tpu:v6e:2x2x1")
 
 
-def test_missing_libtpu_names_the_install(monkeypatch):
-  monkeypatch.setattr(targets, "have_tpu_compiler", lambda: False)
-  targets._topology.cache_clear()
-  with pytest.raises(ImportError, match=r"needs libtpu.*pip install -r requirements-targets.txt"):
-    targets.parse("tpu:v5e:2x2").devices()
-  targets._topology.cache_clear()
-
-
-def test_platform_follows_the_mesh_on_cpu():
-  assert manual.platform() == "cpu" and resolve_implementation("auto") == "xla"
-  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
-    assert manual.platform() == "cpu"
-    assert resolve_implementation("pallas") == "pallas_interpret"
+@pytest.mark.parametrize("name,probe,cache,message", [
+    ("tpu:v5e:2x2", "have_tpu_compiler", "_tpu_topology", r"needs libtpu"),
+    ("gpu:h100:2", "have_gpu_compiler", "_gpu_topology", r"needs jax's CUDA plugin")])
+def test_a_missing_compiler_names_the_install(monkeypatch, name, probe, cache, message):
+  monkeypatch.setattr(targets, probe, lambda: False)
+  getattr(targets, cache).cache_clear()
+  with pytest.raises(ImportError, match=message + r".*pip install -r requirements-targets.txt"):
+    targets.parse(name).devices()
+  getattr(targets, cache).cache_clear()
 
 
 @needs_libtpu

@@ -26,7 +26,11 @@ def platform(mesh=None) -> str:
   """"cpu" | "gpu" | "tpu" of the devices of `mesh` (Mesh or AbstractMesh; default: the mesh set
   by `jax.set_mesh`, also inside jit); `jax.default_backend()` only when no mesh names devices."""
   mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-  device = None if mesh.empty else mesh.abstract_mesh.abstract_device
+  return platform_of(None if mesh.empty else mesh.abstract_mesh.abstract_device)
+
+
+def platform_of(device) -> str:
+  """"cpu" | "gpu" | "tpu" of one device (or abstract device); the default backend's for None."""
   name = jax.default_backend() if device is None else device.platform
   return _PLATFORMS.get(name, name)
 

@@ -4,7 +4,7 @@ A lane is called as lane(step, params, grads, mu, nu) on lists of one subgroup's
 host memory (memory kind pinned_host), `step` the update count before this step, and returns
 (params, mu, nu) in host memory and the compute-dtype copy of the params in device memory.
 
-Which implementation runs where (optim.host_lane; "auto" picks by backend):
+Which implementation runs where (optim.host_lane; "auto" picks by the mesh's platform):
   "jit"          the CPU backend's default. Its pinned_host memory is the CPU device's own RAM,
                  so a plain jit whose shardings carry memory kind pinned_host computes on the host
                  with no copies. Tested.
@@ -20,11 +20,14 @@ Which implementation runs where (optim.host_lane; "auto" picks by backend):
 import jax
 import numpy as np
 
+from lcjax.ops import manual
 
-def resolve(kind: str) -> str:
-  """optim.host_lane with "auto" replaced by the backend's default."""
+
+def resolve(kind: str, mesh) -> str:
+  """optim.host_lane with "auto" replaced by the default of the platform of `mesh`'s devices
+  (those the program is compiled for, not the host's)."""
   if kind == "auto":
-    return "jit" if jax.default_backend() == "cpu" else "cpu_backend"
+    return "jit" if manual.platform(mesh) == "cpu" else "cpu_backend"
   return kind
 
 

@@ -114,7 +114,7 @@ class OffloadedAdamW:
     self.param_bytes = [int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves]
     self.groups = subgroups(self.param_bytes, o.subgroup_mb)
     self.group_bytes = [sum(self.param_bytes[i] for i in g) for g in self.groups]
-    self.host_lane_kind = host_lane.resolve(o.host_lane)
+    self.host_lane_kind = host_lane.resolve(o.host_lane, mesh)
     self._adamw = functools.partial(_adamw, o, optim.schedule(config.train))
     self._optim_config = o
     self.update_on = "device" if not host_lanes else o.update_on

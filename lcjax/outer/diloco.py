@@ -48,13 +48,14 @@ def outer_optimizer(outer_config) -> optax.GradientTransformation:
 
 
 def _alive_table(drops, replicas):
-  """[last dropped step + 2, R] float32: 1 where island r takes part in outer step k (rows past
-  the table's end read its last row, all ones)."""
+  """[last dropped step + 2, R] float32 (numpy: a constant of the traced step, never an array on
+  the mesh's devices, which compile-only targets lack): 1 where island r takes part in outer
+  step k (rows past the table's end read its last row, all ones)."""
   last = max(drops, default=0)
   table = np.ones((last + 2, replicas), np.float32)
   for step, dropped in drops.items():
     table[step, sorted(dropped)] = 0.0
-  return jnp.asarray(table)
+  return table
 
 
 def _stack(tree, replicas):
@@ -149,7 +150,7 @@ class DiLoCo:
   def _sync(self, island, tokens, outer):
     """One outer step, from inside an island; returns (island, tokens, outer)."""
     number = outer["step"] + 1
-    alive = self.alive_table[jnp.minimum(number, self.alive_table.shape[0] - 1),
+    alive = jnp.asarray(self.alive_table)[jnp.minimum(number, self.alive_table.shape[0] - 1),
                              jax.lax.axis_index(AXIS)]
     contribution = alive * tokens[0]
     weight = contribution / jax.lax.psum(contribution, AXIS)
