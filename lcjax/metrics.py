@@ -87,12 +87,14 @@ def step_bytes(mem) -> int:
 
 
 def out_of_memory(error) -> str | None:
-  """The one-line message of a compile that ran out of the target's memory (RESOURCE_EXHAUSTED),
-  None for any other error."""
+  """The one-line message of a compile that ran out of the device's main memory (TPU HBM, GPU
+  memory: RESOURCE_EXHAUSTED), None for any other error; a kernel that overflows a core's own
+  memories (TPU SMEM, VMEM) is a bug, not a step that does not fit, and stays an error."""
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text:
     return None
-  return text.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+  line = text.split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+  return None if re.search(r"\b[sv]mem\b", line, re.IGNORECASE) else line
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -1,7 +1,11 @@
-"""Compiled TPU targets from this CPU machine: target strings, kernel dispatch by the mesh's
-platform, and lcjax's attention (Mosaic kernels inside shard_map, the USP ring, the model's layer)
-compiled ahead of time for compile-only TPU devices. Compiles prove lowering and schedule only.
+"""Compiled TPU and GPU targets from this CPU machine: target strings, kernel dispatch by the
+mesh's platform, lcjax's attention (Mosaic kernels inside shard_map, the USP ring, the model's
+layer) and whole training steps (USP + MsT + offload, DiLoCo) compiled ahead of time for
+compile-only TPU and H100 devices, the dry run for a target, and fits judged by the target's
+compiler. Compiles prove lowering, memory and schedule only.
 """
+import json
+import math
 import re
 
 import jax
@@ -230,3 +234,144 @@ def test_mosaic_region_matches_reference_on_cpu():
         q, k, v, local=blockwise_attention, **ids, **kw))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+# Whole training steps of the tiny model compiled for a TPU slice and for 8 H100s.
+needs_both_compilers = pytest.mark.skipif(
+    not (targets.have_tpu_compiler() and targets.have_gpu_compiler()),
+    reason=f"the TPU and GPU compilers are not installed: {targets.INSTALL}")
+STEP_TARGETS = ("tpu:v5p:2x2x2", "gpu:h100:8")
+
+
+def _step_config(variant):
+  from conftest import tiny_config
+  if variant == "usp_mst_offload":  # ring 2 x ulysses 2 inside fsdp 2, MsT, optimizer on host
+    c = tiny_config(data=1, fsdp=2, ring=2, ulysses=2)
+    c.model.update(mlp_chunks=2, loss_chunks=4)
+    c.optim.update(offload=True, subgroup_mb=0.01)
+    c.train.seq_len = 64
+  elif variant == "diloco":  # 2 islands of data 2 x fsdp 2
+    c = tiny_config(replica=2, data=2, fsdp=2)
+    c.outer.update(kind="diloco", inner_steps=2)
+  else:  # "plain" or "mst": fsdp 4 x data 2, 256 tokens, the LM head and loss whole or in 4
+    c = tiny_config()
+    c.model.loss_chunks = 4 if variant == "mst" else 1
+    c.train.seq_len = 256
+  return c
+
+
+def _compile_step(config, target_name):
+  from lcjax import parts as parts_lib
+  from lcjax import program as program_lib
+  from lcjax.train import prepare
+  prepared = prepare(config, with_data=False, devices=targets.parse(target_name).devices())
+  with jax.set_mesh(prepared.mesh):
+    program = program_lib.build(prepared, aot=True)
+    batch = parts_lib.abstract_batch(config.train.batch_size, config.train.seq_len,
+                                     program.batch_sharding)
+    return prepared, program, program.compile(batch)[1]
+
+
+@pytest.fixture(scope="module")
+def compiled_steps():
+  """{(target, variant): (prepared, program, compiled)}, each compiled once for the module."""
+  cache = {}
+
+  def get(target_name, variant):
+    if (target_name, variant) not in cache:
+      cache[target_name, variant] = _compile_step(_step_config(variant), target_name)
+    return cache[target_name, variant]
+  return get
+
+
+@needs_both_compilers
+@pytest.mark.parametrize("target_name", STEP_TARGETS)
+@pytest.mark.parametrize("variant", ["usp_mst_offload", "diloco"])
+def test_train_step_compiles_for_the_target(compiled_steps, target_name, variant):
+  """The whole step (forward, backward, update; the outer sync for DiLoCo) compiles for the
+  target's devices, with "auto" attention resolved for the target: the Mosaic kernel on TPU
+  (tpu_custom_calls in the program: never the interpreter, which lowers to plain HLO loops), the
+  blockwise XLA path on GPU; the ring's K/V rotations are asynchronous collective-permutes."""
+  _, program, compiled = compiled_steps(target_name, variant)
+  hlo = compiled.as_text()
+  kernels = _custom_calls(hlo)
+  if target_name.startswith("tpu"):
+    assert kernels >= 3  # forward, dK/dV and dQ kernels at least once each
+  else:
+    assert kernels == 0 and compiled.memory_analysis().peak_memory_in_bytes > 0
+  if variant == "usp_mst_offload":
+    assert re.search(r"collective-permute-start", hlo)
+    assert not re.search(r"= \S+ collective-permute\(", hlo)  # no synchronous rotation left
+  assert program.describe()["program/stage"] == {"usp_mst_offload": "offload",
+                                                 "diloco": "diloco(plain)"}[variant]
+
+
+@needs_both_compilers
+def test_offloaded_optimizer_state_is_host_memory_on_tpu(compiled_steps):
+  """The fp32 master params and moments that offload keeps in host memory are host arguments of
+  the TPU program (at least their shards' bytes: TPU layouts pad small arrays); without offload
+  the program has no host arguments."""
+  _, program, compiled = compiled_steps("tpu:v5p:2x2x2", "usp_mst_offload")
+  live = program.live
+  host_state = sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x, s in zip(jax.tree.leaves(live.abstract), jax.tree.leaves(live.shardings))
+                   if s.memory_kind == "pinned_host")
+  assert host_state > 0
+  assert compiled.memory_analysis().host_argument_size_in_bytes >= host_state
+  _, _, plain = compiled_steps("tpu:v5p:2x2x2", "plain")
+  assert plain.memory_analysis().host_argument_size_in_bytes == 0
+
+
+@needs_both_compilers
+def test_mini_sequences_leave_no_full_logits_buffer_on_tpu(compiled_steps):
+  """With the LM head and loss in 4 mini-sequences, no [1, T, V] logits buffer is in the TPU
+  program (only [1, T/4, V] chunks); without MsT the full one is there."""
+  prepared, _, mst = compiled_steps("tpu:v5p:2x2x2", "mst")
+  _, _, plain = compiled_steps("tpu:v5p:2x2x2", "plain")
+  T = prepared.config.train.seq_len
+  V = int(re.findall(r"f32\[1,64,(\d+)\]", mst.as_text())[0])
+  assert V >= prepared.model_cfg.vocab_size  # the chunk's logits (vocab padded to the lanes)
+  full = re.compile(rf"\[1,{T},{V}\]")
+  assert full.search(plain.as_text()) and not full.search(mst.as_text())
+
+
+@needs_both_compilers
+def test_dry_run_for_a_target_writes_its_start_record(tmp_path, tiny_config):
+  """--dry_run --target: the start record names the target and its memory, and says whether the
+  compiler's peak fits it; without --dry_run the target is refused before anything is written."""
+  from lcjax import train
+  config = tiny_config()
+  config.train.peak_flops = 0.0  # unset: the target's peak, not a measurement of this machine
+  record = train.train_and_evaluate(config, tmp_path / "run", dry_run=True, target="gpu:h100:8")
+  assert record["compile/target"] == "gpu:h100:8" and record["compile/fits"] is True
+  assert record["compile/target_hbm_bytes_per_device"] == 81559 * 2**20
+  assert 0 < record["compile/step_bytes"] < 2**30
+  assert record["device/peak_flops"] == targets.parse("gpu:h100:8").peak_flops_per_chip
+  written = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert written["compile/target"] == "gpu:h100:8"
+  with pytest.raises(ValueError, match=r"compile-only devices.*add --dry_run"):
+    train.train_and_evaluate(tiny_config(), tmp_path / "other", target="tpu:v5p:2x2x2")
+  assert not (tmp_path / "other").exists()
+
+
+def _wide_config():
+  """2 layers of width 1024 on a 4-chip v5e (16 GiB each): 256K tokens per chip do not fit."""
+  from conftest import tiny_config
+  c = tiny_config(data=1, fsdp=4)
+  c.model.update(embed_dim=1024, mlp_dim=4096, num_heads=8, num_kv_heads=8, head_dim=128)
+  c.train.batch_size = 4
+  return c
+
+
+@needs_libtpu
+def test_a_step_that_exceeds_the_target_memory_does_not_fit(tmp_path):
+  """The TPU compiler's RESOURCE_EXHAUSTED is a step that does not fit, with the figure it
+  names; the dry run says so in one line naming the target and the tools that find one that fits."""
+  from lcjax import fit, train
+  config = _wide_config()
+  mem = fit.step_memory(config, 262144, devices=targets.parse("tpu:v5e:2x2").devices())
+  assert mem.exhausted and "HBM" in mem.exhausted
+  assert not mem.fits(16 * targets.GiB) and mem.total > 16 * targets.GiB
+  config = fit.with_overrides(config, {"train.seq_len": 262144})
+  with pytest.raises(ValueError, match=r"tpu:v5e:2x2: the step does not fit: .*HBM.*scripts/fit.py"):
+    train.train_and_evaluate(config, tmp_path / "run", dry_run=True, target="tpu:v5e:2x2")
