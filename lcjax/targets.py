@@ -37,18 +37,25 @@ class Kind:
   platform: str            # "tpu" | "gpu"
   hbm_bytes_per_chip: int
   peak_flops_per_chip: float  # dense bf16
+  link_gbytes_s: float     # chip-to-chip (TPU ICI, GPU NVLink), GB/s per chip and direction
+  host_gbytes_s: float     # chip <-> host memory, GB/s per chip and direction
   rank: int = 0            # TPU: dimensions of the slice's topology
   config_file: str = ""    # GPU: the target config text proto in target_configs/
 
 
+# Links, for the planner's cost model: TPU ICI per chip as the Cloud TPU pages state it, halved
+# for one direction (v5p 4800 Gb/s, v6e 3584, v5e 1600, v4 2400); NVLink 4 900 GB/s both ways;
+# host links are assumed, as no vendor states them per chip: PCIe 5.0 x16 at about 50 GB/s
+# achieved for the GPUs, 32 GB/s for TPU hosts.
 KINDS = {
-    "v5p": Kind("tpu", 95 * GiB, 459e12, rank=3),
-    "v6e": Kind("tpu", 32 * GiB, 918e12, rank=2),
-    "v5e": Kind("tpu", 16 * GiB, 197e12, rank=2),
-    "v4": Kind("tpu", 32 * GiB, 275e12, rank=3),
-    "h100": Kind("gpu", 81559 * MiB, 989e12, config_file="h100_sxm.txtpb"),
-    "h200": Kind("gpu", 143771 * MiB, 989e12, config_file="h200_sxm.txtpb"),
+    "v5p": Kind("tpu", 95 * GiB, 459e12, 300.0, 32.0, rank=3),
+    "v6e": Kind("tpu", 32 * GiB, 918e12, 224.0, 32.0, rank=2),
+    "v5e": Kind("tpu", 16 * GiB, 197e12, 100.0, 32.0, rank=2),
+    "v4": Kind("tpu", 32 * GiB, 275e12, 150.0, 32.0, rank=3),
+    "h100": Kind("gpu", 81559 * MiB, 989e12, 450.0, 50.0, config_file="h100_sxm.txtpb"),
+    "h200": Kind("gpu", 143771 * MiB, 989e12, 450.0, 50.0, config_file="h200_sxm.txtpb"),
 }
+GPU_NETWORK_GBYTES_S = 50.0  # between GPU hosts: one 400 Gb/s NIC per GPU
 FORMS = ("tpu:v5p:AxBxC", "tpu:v4:AxBxC", "tpu:v6e:AxB", "tpu:v5e:AxB", "gpu:h100:N",
          "gpu:h200:N", "gpu:h100:HOSTSxN")
 EXAMPLES = "e.g. tpu:v5p:2x2x2, tpu:v6e:4x4, gpu:h100:8, gpu:h200:2x8"
@@ -96,6 +103,15 @@ class Target:
   def hbm_bytes_per_device(self) -> int:
     """Memory per device of `devices()`: the chip's, shared by the devices on one chip."""
     return self.hbm_bytes_per_chip * self.chips // len(self.devices())
+
+  def cost_topology(self):
+    """The target's links and compute for `ops.cost_model` (and the planner)."""
+    from lcjax.ops import cost_model
+    per_host = self.topology[1] if self.platform == "gpu" else self.chips  # a TPU slice: all ICI
+    return cost_model.Topology(
+        name=self.name, devices_per_node=per_host, intra_node_gbytes_s=self.spec.link_gbytes_s,
+        inter_node_gbytes_s=GPU_NETWORK_GBYTES_S if self.platform == "gpu" else
+        self.spec.link_gbytes_s, peak_tflops=self.peak_flops_per_chip / 1e12)
 
   def describe(self) -> dict:
     """The target's figures for a start record."""

@@ -60,7 +60,7 @@ def main(argv):
     raise SystemExit(f"fit.py: error: {e}")
   print("\n| MsT | remat | longest sequence | memory (GiB) |\n|---|---|---|---|")
   for r in rows:
-    print(f"| {'on' if r['mst'] else 'off'} | {r['remat']} | {r['seq_len']} | {r['memory_gb']:.1f} |")
+    print(f"| {'on' if r['mst'] else 'off'} | {r['remat']} | {r['seq_len']} | {r['memory_gb']:.2f} |")
   sys.stdout.flush()
 
 

@@ -32,6 +32,16 @@ def tiny_config(**mesh):
   return c
 
 
+def wide_config(width: int):
+  """2 layers of `width` (heads of 128, MLP 4096) on fsdp 4, 4 sequences: big enough per token
+  that compile targets run out of memory at lengths that still compile fast."""
+  c = tiny_config(data=1, fsdp=4)
+  c.model.update(embed_dim=width, mlp_dim=4096, num_heads=width // 128,
+                 num_kv_heads=width // 128, head_dim=128)
+  c.train.batch_size = 4
+  return c
+
+
 def read_losses(workdir) -> dict:
   """{step: train/loss} from a run's metrics.jsonl."""
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()

@@ -133,6 +133,32 @@ def test_pallas_attention_compiles_for_tpu(topology, name, T, H, K, kw):
   assert compiled.memory_analysis() is not None  # the target's own memory analysis
 
 
+@needs_libtpu
+def test_pallas_attention_at_262144_tokens_per_device_keeps_its_plan_in_smem():
+  """At 262144 tokens per device (B = 1 there, 512-blocks) one call's whole tile plan was 1 MiB
+  and the v5p compile failed ("Ran out of memory in memory space smem"); each kernel now runs as
+  a loop of calls whose scalar-prefetched plan slab fits pallas_common.PLAN_BUDGET_BYTES."""
+  from lcjax.ops import pallas_common
+  mesh = _mesh(targets.parse("tpu:v5p:2x2x1"), fsdp=4)
+  B, T, H, K, D = 4, 262144, 8, 2, 128
+  batch = NamedSharding(mesh, P("fsdp"))
+  q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16, sharding=batch)
+  kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16, sharding=batch)
+  seg = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch)
+
+  def loss(q, k, v, seg):
+    out = ops.attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile().as_text()
+  plans = [int(n) for n in re.findall(  # scalar prefetch: (first row [1], plan slab [n])
+      r'custom_call_target="tpu_custom_call", operand_layout_constraints=\{s32\[1\]\{0\}, '
+      r's32\[(\d+)\]', hlo)]
+  assert len(plans) == 3, plans  # forward, dK/dV, dQ
+  assert all(0 < 4 * n <= pallas_common.PLAN_BUDGET_BYTES < 4 * (T // 512) ** 2 for n in plans)
+
+
 def _async_permutes_around_compute(hlo):
   """(# collective-permute-start, # of them with a Mosaic call scheduled before their done)."""
   total = overlapped = 0
@@ -354,21 +380,13 @@ def test_dry_run_for_a_target_writes_its_start_record(tmp_path, tiny_config):
   assert not (tmp_path / "other").exists()
 
 
-def _wide_config():
-  """2 layers of width 1024 on a 4-chip v5e (16 GiB each): 256K tokens per chip do not fit."""
-  from conftest import tiny_config
-  c = tiny_config(data=1, fsdp=4)
-  c.model.update(embed_dim=1024, mlp_dim=4096, num_heads=8, num_kv_heads=8, head_dim=128)
-  c.train.batch_size = 4
-  return c
-
-
 @needs_libtpu
 def test_a_step_that_exceeds_the_target_memory_does_not_fit(tmp_path):
   """The TPU compiler's RESOURCE_EXHAUSTED is a step that does not fit, with the figure it
   names; the dry run says so in one line naming the target and the tools that find one that fits."""
   from lcjax import fit, train
-  config = _wide_config()
+  from conftest import wide_config
+  config = wide_config(1024)  # 256K tokens per chip need about 74 GiB of a v5e's 16
   mem = fit.step_memory(config, 262144, devices=targets.parse("tpu:v5e:2x2").devices())
   assert mem.exhausted and "HBM" in mem.exhausted
   assert not mem.fits(16 * targets.GiB) and mem.total > 16 * targets.GiB
