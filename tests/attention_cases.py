@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax.ops.blockwise import blockwise_attention
+from lcjax.ops.layouts import sequence_layout
 from lcjax.ops.pallas_attention import pallas_attention
 from lcjax.ops.reference import reference_attention
 
@@ -33,12 +34,17 @@ class Case:
   q_offset: int = 0
   empty_rows: bool = False  # some queries get NO_KEY_SEGMENT (needs segments)
   shuffled_segments: bool = False  # segment ids not sorted: blocks mix many segments
+  # (ring size, q shard, kv shard): positions are those shards of the zigzag layout of a global
+  # sequence of ring * Tq tokens (Tq == Tk), as a ring step sees them; q_offset is then unused
+  zigzag: tuple[int, int, int] | None = None
 
   @property
   def id(self):
     flags = [n for n in ("causal", "segments", "empty_rows", "shuffled_segments") if getattr(self, n)]
     extra = [f"{n}{getattr(self, n)}" for n in ("window", "softcap", "scale", "q_offset")
              if getattr(self, n)]
+    if self.zigzag:
+      extra.append("zigzag" + "_".join(map(str, self.zigzag)))
     return "-".join([f"T{self.Tq}x{self.Tk}", f"H{self.H}K{self.K}D{self.D}", *flags, *extra])
 
 
@@ -49,10 +55,15 @@ def make_inputs(case: Case, dtype=np.float32):
   k, v = (rng.standard_normal((case.B, case.Tk, case.K, case.D)) for _ in range(2))
   qpos = np.broadcast_to(np.arange(case.Tq) + case.q_offset, (case.B, case.Tq)).astype(np.int32)
   kpos = np.broadcast_to(np.arange(case.Tk), (case.B, case.Tk)).astype(np.int32)
+  if case.zigzag:
+    ring, q_shard, kv_shard = case.zigzag
+    assert case.Tq == case.Tk, case
+    stored = sequence_layout(ring * case.Tq, ring, 1, "zigzag").reshape(ring, case.Tq)
+    qpos, kpos = (np.broadcast_to(stored[s], (case.B, case.Tq)) for s in (q_shard, kv_shard))
   kw = dict(q_positions=qpos, kv_positions=kpos, causal=case.causal,
             sliding_window=case.window, softcap=case.softcap, scale=case.scale)
   if case.segments:  # documents on global positions, as packed data gives them
-    lo, hi = min(qpos.min(), 0), max(qpos.max(), case.Tk) + 1
+    lo, hi = min(qpos.min(), 0), max(qpos.max(), kpos.max() + 1) + 1
     bounds = np.sort(rng.integers(lo, hi, (case.B, 4)), axis=1)
     qseg = np.stack([np.searchsorted(b, p, side="right") for b, p in zip(bounds, qpos)])
     kseg = np.stack([np.searchsorted(b, p, side="right") for b, p in zip(bounds, kpos)])

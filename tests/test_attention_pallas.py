@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from attention_cases import Case, blocked, check_f32
-from lcjax.ops import tiles
+from attention_cases import Case, blocked, check_f32, make_inputs
+from lcjax.ops import pallas_common, tiles
 from lcjax.ops.pallas_attention import pallas_attention
 
 
-def test_tpu_interpret_mode():
-  """TPU interpret mode simulates VMEM and DMAs (uninitialised memory is NaN): same answers."""
+def test_tpu_interpret_mode(monkeypatch):
+  """TPU interpret mode simulates VMEM and DMAs (uninitialised memory is NaN): same answers, with
+  each kernel run as 3 calls (9 plan entries each) writing into outputs aliased through them."""
+  monkeypatch.setattr(pallas_common, "PLAN_BUDGET_BYTES", 4 * 9)
   case = Case(Tq=100, Tk=130, causal=True, segments=True, empty_rows=True, q_offset=10)
   check_f32(blocked("pallas", tiles.BlockSizes(32, 64), interpret=pltpu.InterpretParams()), case)
 
@@ -52,6 +54,36 @@ def test_plan_skips_and_reuses_blocks():
   plan = np.asarray(tiles.fetch_plan(status[None], axis=2)[0])
   np.testing.assert_array_equal(plan % 4, expected)
   np.testing.assert_array_equal(plan // 4, np.minimum(np.arange(4), np.arange(4)[:, None]))
+
+
+@pytest.mark.parametrize("outer", ["q", "kv"])
+def test_row_plan_slabs_are_rows_of_the_whole_plan(outer):
+  """Slabs of grid rows from any start (across batch rows too), built from block summaries, equal
+  those rows of the whole [B, nq, nk] plan (transposed for dK/dV), zigzag positions and segments."""
+  case = Case(Tq=130, Tk=130, B=3, causal=True, window=100, segments=True, zigzag=(2, 0, 1))
+  _, kw = make_inputs(case)
+  spec = tiles.Spec(causal=True, sliding_window=100, softcap=None, scale=1.0, segments=True,
+                    kv_len=130)
+  bq, bk = 16, 24  # 130 divides by neither: edge-padded ids, a padded last kv block
+  ids = [tiles.pad_seq(jnp.asarray(kw[n]), -(-130 // b) * b, 1, "edge") for n, b in (
+      ("q_positions", bq), ("kv_positions", bk), ("q_segment_ids", bq), ("kv_segment_ids", bk))]
+  n_rows = 3 * (-(-130 // bq) if outer == "q" else -(-130 // bk))  # B * (blocks of the outer side)
+  slabs = [(0, 1), (4, 7), (n_rows - 5, 5)]  # (start, rows): the first, across b = 0 | 1, the last
+
+  @jax.jit
+  def plans(ids):
+    status = tiles.block_status(spec, *ids, bq, bk)  # [3, 9, 6]
+    status = status.transpose(0, 2, 1) if outer == "kv" else status
+    sums = tiles.block_summaries(spec, *ids, bq, bk)
+    return (tiles.fetch_plan(status, axis=2).reshape(-1, status.shape[2]),
+            [tiles.row_plan(spec, *sums, jnp.int32(start), rows, bk, outer)
+             for start, rows in slabs])
+
+  whole, got = plans(ids)
+  assert whole.shape[0] == n_rows
+  assert {tiles.SKIP, tiles.PARTIAL, tiles.FULL} <= set(np.unique(np.asarray(whole) % 4))
+  for (start, rows), slab in zip(slabs, got):
+    np.testing.assert_array_equal(slab, whole[start:start + rows])
 
 
 def test_block_sizes():

@@ -1,12 +1,23 @@
-"""Layout, BlockSpecs and tile loading shared by the Pallas attention kernels (forward and backward).
+"""Layout, BlockSpecs, tile loading and the chunked grid shared by the Pallas attention kernels.
 
 Kernel layout: q, out [B, H, Tq, D]; k, v [B, K, Tk, D], each padded to whole blocks. Per-row
 float32 values (lse, Delta) are [B, H, Tq, LANES], and query positions/segment ids
 [B, Tq, LANES], broadcast over the 128 TPU lanes; key positions/segment ids are
 [B, SUBLANES, Tk]. So every block's last two dims are (8, 128)-aligned or whole, as Mosaic
 requires, and a query id column [bq, 1] meets a key id row [1, bk] by broadcasting.
-A scalar-prefetched plan (`tiles.fetch_plan`, flattened) tells each grid step its tile's status
-and which block to load, so skipped tiles cost neither compute nor a new DMA.
+
+A scalar-prefetched plan (`tiles.fetch_plan`) tells each grid step its tile's status and which
+block to load, so skipped tiles cost neither compute nor a new DMA. Scalar prefetch lives in
+SMEM, 1 MiB on v5p as its compiler reports, shared with Mosaic's own scalars and spills; a whole
+[B, nq, nk] plan is 1 MiB at 262144 tokens with 512-blocks (B = 1), and that compile fails
+("Ran out of memory in memory space smem"). So each kernel runs its grid (rows, ...) as a loop
+of pallas_calls (`call_by_rows`), each over C consecutive rows (forward and dQ: rows b * nq + i,
+dK/dV: rows b * nk + j, so batch rows share the budget too) with its own [C, n] slab of the plan,
+built from O(T / block) block summaries (`tiles.row_plan`). The budget is PLAN_BUDGET_BYTES =
+128 KiB of plan per call (32768 tiles; an eighth of SMEM, leaving the rest to Mosaic): 64 rows per
+call at 262144 tokens, 16 at 1048576. A single row longer than the budget (over 32768 blocks, 16M
+tokens with 512-blocks) is cut into pieces merged by their LSE (`pallas_attention`). Each call
+writes its rows' blocks into outputs passed aliased through the loop, so the loop copies nothing.
 """
 import dataclasses
 
@@ -19,6 +30,9 @@ from jax.experimental.pallas import tpu as pltpu
 from lcjax.ops import tiles
 
 LANES, SUBLANES = 128, 8
+# SMEM bytes of plan per pallas_call (module docstring); read when a call is traced, so tests
+# may set it small to force many calls.
+PLAN_BUDGET_BYTES = 128 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +46,21 @@ class Layout:
   nk: int
   bq: int
   bk: int
+  plan_entries: int  # most int32 plan entries (tiles) one pallas_call holds
 
   @property
   def G(self):
     return self.H // self.K
 
 
+def plan_entries() -> int:
+  """Plan entries per pallas_call under the current PLAN_BUDGET_BYTES."""
+  return max(1, PLAN_BUDGET_BYTES // 4)
+
+
 class Specs:
-  """BlockSpecs of the operands, given index maps grid -> (b, h, q block) and (b, kv head, kv block)."""
+  """BlockSpecs of the operands, given index maps (*grid, start_ref, plan_ref) -> (b, h, q block)
+  and -> (b, kv head, kv block)."""
 
   def __init__(self, lay: Layout, q_index, kv_index):
     bq, bk, D = lay.bq, lay.bk, lay.D
@@ -52,10 +73,16 @@ class Specs:
 
   @classmethod
   def by_q_block(cls, lay: Layout) -> "Specs":
-    """Specs for grid (b, h, q block, kv block) with the kv block read from the plan (fwd, dQ)."""
+    """Specs for grid (row b * nq + i, h, kv block j), the kv block read from the plan (fwd, dQ)."""
     G, nq, nk = lay.G, lay.nq, lay.nk
-    return cls(lay, lambda b, h, i, j, plan: (b, h, i),
-               lambda b, h, i, j, plan: (b, lax.div(h, G), block_of(plan[(b * nq + i) * nk + j])))
+
+    def q_index(c, h, j, start, plan):
+      b, i = row_of(start, c, nq)
+      return b, h, i
+
+    def kv_index(c, h, j, start, plan):
+      return row_of(start, c, nq)[0], lax.div(h, G), block_of(plan[c * nk + j])
+    return cls(lay, q_index, kv_index)
 
   def id_specs(self, segments: bool):
     return self.ids * (2 if segments else 1)
@@ -90,6 +117,12 @@ def load_tile(spec: tiles.Spec, q_ref, k_ref, id_refs, col0, masked: bool):
   return s, t, tiles.tile_mask(spec, qpos_ref[:, :1], kpos_ref[:1, :], *segs, col0)
 
 
+def row_of(start_ref, c, n):
+  """(batch row, block) of grid row c of a call from row start_ref[0]; n blocks a batch row."""
+  r = start_ref[0] + c
+  return lax.div(r, n), lax.rem(r, n)
+
+
 def block_of(code):
   """The block to load, from a plan entry (`tiles.fetch_plan`); lax.div lowers where // does not."""
   return lax.div(code, 4)
@@ -107,13 +140,37 @@ def rows(x_BHT):
   return jnp.broadcast_to(x_BHT[..., None], x_BHT.shape + (LANES,))
 
 
-def call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics,
-         interpret: bool):
-  """pallas_call with the plan as the one scalar-prefetch operand (the first kernel argument)."""
-  grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
-                                           out_specs=out_specs, scratch_shapes=scratch)
-  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
+def call_by_rows(kernel, plan, *, lay: Layout, rows: int, cols: int, inner, operands, in_specs,
+                 out_specs, out_shape, scratch, semantics, interpret: bool):
+  """Runs `kernel` over the grid (rows, *inner) as a loop of pallas_calls of C rows each.
+
+  C = plan_entries // cols (all rows when fewer). plan(start, C) gives the int32 [C, cols] plan of
+  rows start .. start + C - 1; kernels and index maps receive (start [1], plan flattened) as their
+  first two (scalar prefetch) arguments. The outputs start as zeros and pass aliased through
+  every call, each call writing only its rows' blocks; the last call starts at rows - C and redoes
+  the rows it shares with the one before it (the same tiles in the same order, the same values).
+  """
+  C = min(rows, lay.plan_entries // cols)
+  assert C >= 1, (lay, cols)  # pallas_attention cuts longer rows into pieces
+  n_in, n_out = len(operands), len(out_shape)
+
+  def body_kernel(start_ref, plan_ref, *refs):  # drops the aliased output inputs (left in HBM)
+    kernel(start_ref, plan_ref, *refs[:n_in], *refs[n_in + n_out:])
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(C, *inner), out_specs=out_specs, scratch_shapes=scratch,
+      in_specs=[*in_specs, *[pl.BlockSpec(memory_space=pl.ANY)] * n_out])
+  step = pl.pallas_call(body_kernel, grid_spec=grid_spec, out_shape=out_shape,
+                        input_output_aliases={2 + n_in + o: o for o in range(n_out)},
+                        interpret=interpret,
                         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+
+  def body(n, outs):
+    start = jnp.minimum(n * C, rows - C)
+    return tuple(step(start[None], plan(start, C).reshape(-1), *operands, *outs))
+
+  zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in out_shape)
+  return lax.fori_loop(0, -(-rows // C), body, zeros)
 
 
 def vmem(*shape):

@@ -18,7 +18,9 @@ The functions on tiles take 2-D arrays ([bq, D], [bk, D], [bq, bk]) and use only
 Mosaic lowers, so the Pallas kernels call them on loaded refs and the XLA path vmaps them
 over batch and heads. A block plan says per (batch row, q block, kv block) whether the tile is
 fully masked (SKIP), partly masked (PARTIAL) or fully visible (FULL), from per-block min/max
-of positions and segment ids; SKIP and FULL are claimed only when they hold for every pair.
+of positions and segment ids (`block_summaries`, O(T / block) numbers); SKIP and FULL are
+claimed only when they hold for every pair. The Pallas kernels take the plan a slab of grid rows
+at a time (`row_plan`), so no [nq, nk] array is ever needed whole.
 """
 import dataclasses
 import functools
@@ -158,15 +160,30 @@ def backward_row_terms(out, dout, lse, dlse, axis=-1):
   return jnp.where(empty, jnp.inf, lse), jnp.where(empty, 0.0, delta)
 
 
-def block_status(spec: Spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq: int, bk: int):
-  """int32 [B, nq, nk] SKIP/PARTIAL/FULL; inputs padded (edge mode) to multiples of bq and bk."""
+def block_summaries(spec: Spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq: int, bk: int):
+  """int32 [B, nq, 4] and [B, nk, 4]: per block (min pos, max pos, min seg, max seg).
+
+  Inputs padded (edge mode) to multiples of bq and bk; the segment slots are 0 without segments.
+  These O(T / block) numbers give any tile's status (`tile_status`).
+  """
   def ranges(x_BT, b):
     x = x_BT.reshape(x_BT.shape[0], -1, b)
     return x.min(-1), x.max(-1)
-  (qlo, qhi), (klo, khi) = ranges(qpos_BT, bq), ranges(kpos_BT, bk)
-  qlo, qhi, klo, khi = qlo[:, :, None], qhi[:, :, None], klo[:, None, :], khi[:, None, :]
-  skip = jnp.zeros(jnp.broadcast_shapes(qlo.shape, klo.shape), bool)
-  full = jnp.ones_like(skip)
+
+  def summary(pos_BT, seg_BT, b):
+    pos = ranges(pos_BT, b)
+    seg = ranges(seg_BT, b) if spec.segments else (jnp.zeros_like(pos[0]),) * 2
+    return jnp.stack([*pos, *seg], -1)
+  return summary(qpos_BT, qseg_BT, bq), summary(kpos_BT, kseg_BT, bk)
+
+
+def tile_status(spec: Spec, q_sum, kv_sum, kv_block, bk: int):
+  """int32 SKIP/PARTIAL/FULL of the tiles whose block summaries q_sum, kv_sum [..., 4] broadcast
+  together; kv_block (broadcast alike) is each tile's kv block index, bk the kv block size."""
+  qlo, qhi, sqlo, sqhi = (q_sum[..., n] for n in range(4))
+  klo, khi, sklo, skhi = (kv_sum[..., n] for n in range(4))
+  shape = jnp.broadcast_shapes(qlo.shape, klo.shape, jnp.shape(kv_block))
+  skip, full = jnp.zeros(shape, bool), jnp.ones(shape, bool)
   if spec.causal:
     skip |= klo > qhi
     full &= khi <= qlo
@@ -174,13 +191,37 @@ def block_status(spec: Spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq: int, bk: in
     skip |= qlo - khi >= spec.sliding_window
     full &= qhi - klo < spec.sliding_window
   if spec.segments:
-    (sqlo, sqhi), (sklo, skhi) = ranges(qseg_BT, bq), ranges(kseg_BT, bk)
-    sqlo, sqhi, sklo, skhi = sqlo[:, :, None], sqhi[:, :, None], sklo[:, None, :], skhi[:, None, :]
     skip |= (skhi < sqlo) | (sklo > sqhi)
     full &= (sqlo == sqhi) & (sklo == skhi) & (sqlo == sklo)
   if spec.kv_len % bk:  # the last kv block holds padding columns
-    full &= jnp.arange(skip.shape[2]) < skip.shape[2] - 1
+    full &= kv_block < spec.kv_len // bk
   return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
+
+
+def block_status(spec: Spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq: int, bk: int):
+  """int32 [B, nq, nk] SKIP/PARTIAL/FULL; inputs padded (edge mode) to multiples of bq and bk."""
+  q_sum, kv_sum = block_summaries(spec, qpos_BT, kpos_BT, qseg_BT, kseg_BT, bq, bk)
+  nk = kv_sum.shape[1]
+  return tile_status(spec, q_sum[:, :, None], kv_sum[:, None], jnp.arange(nk), bk)
+
+
+def row_plan(spec: Spec, q_sum, kv_sum, start, rows: int, bk: int, outer: str):
+  """`fetch_plan` of `rows` grid rows from flat row `start`: int32 [rows, n].
+
+  outer "q": row b * nq + i is q block i of batch row b against the n = nk kv blocks (forward,
+  dQ); outer "kv": row b * nk + j is kv block j against the n = nq q blocks (dK/dV). Costs
+  O(rows * n), whatever the number of rows in all.
+  """
+  own, other = (q_sum, kv_sum) if outer == "q" else (kv_sum, q_sum)
+  B, n_own, _ = own.shape
+  r = start + jnp.arange(rows, dtype=jnp.int32)
+  mine = lax.dynamic_slice_in_dim(own.reshape(B * n_own, 4), start, rows)[:, None]
+  theirs = jnp.take(other, lax.div(r, n_own), axis=0)  # [rows, n, 4]: the row's batch row
+  if outer == "q":
+    status = tile_status(spec, mine, theirs, jnp.arange(kv_sum.shape[1]), bk)
+  else:
+    status = tile_status(spec, theirs, mine, lax.rem(r, n_own)[:, None], bk)
+  return fetch_plan(status, axis=1)
 
 
 def fetch_plan(status, axis: int):
