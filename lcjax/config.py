@@ -8,7 +8,7 @@ import ml_collections
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
 MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
-ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret", "cudnn")
 COMPRESSION_FORMATS = ("float32", "bfloat16", "int8", "int4")  # outer/compression.py
 
 
@@ -63,8 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-5         # RMSNorm epsilon
   c.model.tie_embeddings = True   # LM head shares the token embedding
   c.model.dtype = "float32"       # compute dtype (params stay float32): float32 | bfloat16
-  c.model.attention = "auto"      # ops.attention implementation: auto | reference | xla | pallas
+  c.model.attention = "auto"      # ops.attention implementation: auto | reference | xla | pallas |
+                                  # cudnn (GPU; needs dtype bfloat16, document_mask False)
   c.model.sliding_window = 0      # attend to the last N positions only; 0 = unlimited
+  c.model.document_mask = True    # packed documents attend only within themselves (segment ids);
+                                  # False: causal by token index over the whole packed sequence
+                                  # (RoPE positions still restart per document)
   c.model.remat = "none"          # per-block remat: none | full | dots (keep matmul outputs) |
                                   # offload (block inputs to host memory, all else recomputed)
   c.model.mlp_chunks = 1          # MsT mini-sequences for the MLP (1 = off)
@@ -173,6 +177,30 @@ def _check_outer(full):
            "the device: set optim.update_on='device' (or 'auto')")
 
 
+def _check_cudnn(full):
+  """model.attention='cudnn': what cuDNN's index-masked kernel needs (ops/cudnn_attention.py)."""
+  m, sp, mesh = full.model, full.sp, full.mesh
+  _require(m.dtype in ("bfloat16",), f"model.attention='cudnn' takes bfloat16 activations; set "
+           f"model.dtype='bfloat16' (got {m.dtype!r}) or use model.attention='xla'")
+  _require(not m.document_mask, "model.attention='cudnn' cannot mask packed documents from each "
+           "other (no segment ids in jax's cuDNN path); set model.document_mask=False or use "
+           "model.attention='xla'")
+  _require(m.head_dim % 8 == 0 and m.head_dim <= 256, f"model.attention='cudnn' needs "
+           f"model.head_dim a multiple of 8 and at most 256 (128 before Hopper); got {m.head_dim}")
+  if mesh.ring * mesh.ulysses == 1:
+    return
+  _require(sp.strategy not in ("allgather", "auto"), f"sp.strategy={sp.strategy!r} with "
+           "model.attention='cudnn': all-gather (which 'auto' may choose) attends queries at a "
+           "global offset, which cuDNN's index masks cannot express; choose sp.strategy usp, "
+           "ulysses or ring")
+  ring = sp.strategy == "ring" or (sp.strategy == "usp" and mesh.ring > 1)
+  _require(not (ring and m.sliding_window), f"model.sliding_window={m.sliding_window} with a "
+           "ring and model.attention='cudnn': cuDNN cannot window the ring's off-diagonal blocks; "
+           "use sp.strategy='ulysses', no window, or model.attention='xla'")
+  _require(not ring or m.head_dim + 8 <= 256, f"model.attention='cudnn' in a ring needs "
+           f"model.head_dim <= 248 (its backward adds 8 head-dim columns); got {m.head_dim}")
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """Checks keys and values; returns a locked copy with defaults for missing keys filled in."""
   base = base_config()
@@ -201,6 +229,8 @@ def validate(config) -> ml_collections.ConfigDict:
            f"model.remat must be one of {REMAT_POLICIES}; got {m.remat!r}")
   _require(m.attention in ATTENTION_IMPLEMENTATIONS,
            f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}; got {m.attention!r}")
+  if m.attention == "cudnn":
+    _check_cudnn(full)
   _require(m.sliding_window >= 0, f"model.sliding_window must be >= 0; got {m.sliding_window}")
   for key in ("mlp_chunks", "loss_chunks"):
     _require(m[key] <= t.seq_len, f"model.{key} ({m[key]}) exceeds the {t.seq_len} tokens of a "

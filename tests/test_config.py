@@ -44,6 +44,8 @@ def test_an_attention_typo_is_refused_at_validate_time():
 def test_every_attention_implementation_validates(attention):
   c = config_lib.base_config()
   c.model.attention = attention
+  if attention == "cudnn":  # what it needs (tests/test_cudnn_attention.py)
+    c.model.update(dtype="bfloat16", document_mask=False)
   assert config_lib.validate(c).model.attention == attention
 
 

@@ -26,9 +26,11 @@ class Attention(nnx.Module):
     k_BTKD = apply_rope(jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt)),
                         positions_BT, inv_freq)
     v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
-    masking = dict(causal=True, q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
-                   q_positions=positions_BT, kv_positions=positions_BT,
-                   sliding_window=cfg.sliding_window or None, implementation=cfg.attention)
+    masking = dict(causal=True, sliding_window=cfg.sliding_window or None,
+                   implementation=cfg.attention)
+    if cfg.document_mask:  # each packed document attends only to itself, causal by its positions
+      masking.update(q_segment_ids=segment_ids_BT, kv_segment_ids=segment_ids_BT,
+                     q_positions=positions_BT, kv_positions=positions_BT)
     if cfg.sp_strategy:  # tokens arrive in the sequence layout, sharded over (ring, ulysses)
       out_BTHD = ops.sequence_parallel_attention(
           q_BTHD, k_BTKD, v_BTKD, mesh=jax.sharding.get_abstract_mesh(),

@@ -24,6 +24,7 @@ class ModelConfig:
   dtype: str = "float32"             # compute dtype; parameters are float32
   attention: str = "auto"
   sliding_window: int = 0            # 0 = unlimited
+  document_mask: bool = True         # False: causal by token index across packed documents
   remat: str = "none"
   mlp_chunks: int = 1
   loss_chunks: int = 1

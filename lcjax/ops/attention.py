@@ -3,12 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.ops import manual
+from lcjax.ops import cudnn_attention, manual
 from lcjax.ops.blockwise import blockwise_attention
 from lcjax.ops.pallas_attention import pallas_attention
 from lcjax.ops.reference import reference_attention
 
-IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret", "cudnn")
 
 
 def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
@@ -58,14 +58,17 @@ def _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posi
 
 
 def resolve_implementation(implementation: str, platform: str | None = None) -> str:
-  """"auto" and "pallas" -> what runs on `platform`: "reference" | "xla" | "pallas" | "pallas_interpret".
+  """"auto" and "pallas" -> what runs on `platform`: "reference" | "xla" | "pallas" |
+  "pallas_interpret" | "cudnn".
 
   `platform` defaults to that of the mesh the computation runs on (`manual.platform`: the
   devices it is compiled for, not the host). "auto" takes the fastest tested path: the Mosaic
-  kernel on TPU, blockwise XLA elsewhere (no GPU kernel is tested yet). "pallas" is the TPU
-  kernel, interpreted on CPU.
+  kernel on TPU, blockwise XLA elsewhere (cuDNN's numerics are not yet checked on a GPU, see
+  docs/gpu_attention.md). "pallas" is the TPU kernel, interpreted on CPU; "cudnn" needs a GPU.
   """
   platform = manual.platform() if platform is None else platform
+  if implementation == "cudnn":
+    cudnn_attention.check_platform(platform)
   if implementation == "auto":
     return "pallas" if platform == "tpu" else "xla"
   if implementation == "pallas" and platform != "tpu":
@@ -78,9 +81,10 @@ def resolve_implementation(implementation: str, platform: str | None = None) -> 
 
 def _mosaic_in_manual_region(q, k, v, *, q_positions, kv_positions, q_segment_ids,
                              kv_segment_ids, local=pallas_attention, **kwargs):
-  """`local` (the Mosaic kernel) on each device's block, in a shard_map manual over every free
-  mesh axis (Mosaic kernels cannot be partitioned): batch over the batch axes that divide it,
-  heads over `tensor` when it divides Hq and Hkv, the sequence whole. Returns (out, lse)."""
+  """`local` (the Mosaic or cuDNN kernel) on each device's block, in a shard_map manual over
+  every free mesh axis (Mosaic kernels cannot be partitioned, cuDNN's not over the sequence):
+  batch over the batch axes that divide it, heads over `tensor` when it divides Hq and Hkv, the
+  sequence whole. Returns (out, lse)."""
   mesh = jax.sharding.get_abstract_mesh()
   batch = manual.batch_axes(q, mesh)
   heads = manual.head_axes(q, k.shape[2], mesh, exclude=batch)
@@ -94,6 +98,11 @@ def _mosaic_in_manual_region(q, k, v, *, q_positions, kv_positions, q_segment_id
   return manual.region(body, mesh, args, specs, (specs[0], manual.lse_spec(batch, (), heads)))
 
 
+def _cudnn_local(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, **kwargs):
+  assert q_positions is kv_positions is q_segment_ids is kv_segment_ids is None
+  return cudnn_attention.cudnn_attention(q, k, v, **kwargs)
+
+
 def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
               q_positions=None, kv_positions=None, sliding_window=None, softcap=None,
               scale=None, return_lse=False, implementation="auto"):
@@ -104,20 +113,29 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}")
+  implementation = resolve_implementation(implementation)
+  positions_given = q_positions is not None or kv_positions is not None
   q_positions, kv_positions = _check_and_fill(q, k, v, q_segment_ids, kv_segment_ids,
                                               q_positions, kv_positions, sliding_window, softcap,
                                               scale)
+  if implementation == "cudnn":
+    cudnn_attention.check(q.shape[-1], q.dtype, causal=causal, sliding_window=sliding_window,
+                          softcap=softcap, segments=q_segment_ids is not None,
+                          positions=positions_given)
   kwargs = dict(causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window,
                 softcap=None if softcap is None else float(softcap),
                 scale=q.shape[-1] ** -0.5 if scale is None else float(scale))
-  implementation = resolve_implementation(implementation)
   if implementation == "reference":
     return reference_attention(q, k, v, return_lse=return_lse, **kwargs)
   if implementation == "xla":
     out, lse = blockwise_attention(q, k, v, **kwargs)
   elif implementation == "pallas_interpret":
     out, lse = pallas_attention(q, k, v, interpret=True, **kwargs)
+  elif implementation == "cudnn":  # index masks only (checked above); partitioned like Mosaic
+    out, lse = _mosaic_in_manual_region(
+        q, k, v, q_positions=None, kv_positions=None, q_segment_ids=None, kv_segment_ids=None,
+        local=_cudnn_local, causal=causal, sliding_window=sliding_window, scale=kwargs["scale"])
   else:  # the Mosaic kernel: in a shard_map over every free mesh axis (a no-op without a mesh)
     out, lse = _mosaic_in_manual_region(q, k, v, interpret=False, **kwargs)
   return (out, lse) if return_lse else out

@@ -21,6 +21,11 @@ VJP of the local primitive `ops.attention` (recomputing the block's out_j, lse_j
 block's share of the merged cotangents:
   d out_j = w_j d out,   d lse_j = w_j (rowsum((out_j - out) d out) + d lse),   w_j = exp(lse_j - lse),
 which is the chain rule through the merge above.
+
+With implementation "cudnn" (index masks only, `cudnn_attention.py`) a block pair's mask comes
+from the layout: causal on the diagonal (equal starts), none below it (pairs above are skipped),
+no windows. Its backward feeds cuDNN's backward kernel the merged out and lse instead
+(`cudnn_attention.block_grads`: the same gradients without recomputing the block's forward).
 """
 import dataclasses
 import functools
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lcjax.ops import cudnn_attention
 from lcjax.ops.attention import attention
 
 
@@ -75,8 +81,23 @@ def _may_attend(spec: RingSpec, q_start, kv_start):
   return ok
 
 
-def _attend(spec: RingSpec, q, k, v, q_meta, kv_meta):
+def _scale(spec: RingSpec, q):
+  return q.shape[-1] ** -0.5 if spec.scale is None else spec.scale
+
+
+def _cudnn_block(spec: RingSpec, fn, diagonal, *args):
+  """fn(*args, causal=...) with the cuDNN mask of a block pair: causal on the diagonal."""
+  if not spec.causal:
+    return fn(*args, causal=False)
+  return lax.cond(diagonal, functools.partial(fn, causal=True),
+                  functools.partial(fn, causal=False), *args)
+
+
+def _attend(spec: RingSpec, q, k, v, q_meta, kv_meta, diagonal):
   """The local primitive on one block pair: out (float32) and lse."""
+  if spec.implementation == "cudnn":
+    fn = functools.partial(cudnn_attention.block_forward, scale=_scale(spec, q))
+    return _cudnn_block(spec, fn, diagonal, q, k, v)
   out, lse = attention(q, k, v, causal=spec.causal, q_positions=q_meta[0], kv_positions=kv_meta[0],
                        q_segment_ids=q_meta[1], kv_segment_ids=kv_meta[1],
                        sliding_window=spec.sliding_window, softcap=spec.softcap, scale=spec.scale,
@@ -147,10 +168,11 @@ def _starts(spec: RingSpec, member):
 
 
 def _pairs(spec: RingSpec, me, step):
-  """(i, j, may-attend predicate or None) for the block pairs of ring step `step`."""
+  """(i, j, may-attend predicate or None, on-the-diagonal predicate) for the block pairs of ring
+  step `step`."""
   q_starts = _starts(spec, me)
   kv_starts = _starts(spec, (me - step) % spec.size)  # whose K/V we hold at this step
-  return [(i, j, _may_attend(spec, q_starts[i], kv_starts[j]))
+  return [(i, j, _may_attend(spec, q_starts[i], kv_starts[j]), q_starts[i] == kv_starts[j])
           for i in range(spec.halves) for j in range(spec.halves)]
 
 
@@ -180,8 +202,8 @@ def _ring_forward(spec: RingSpec, q, k, v, q_meta, kv_meta):
   def step_fn(step, kv, acc):
     ks, vs, kv_metas = _unpack_fwd(*kv, n)
     acc = list(acc)
-    for i, j, ok in _pairs(spec, me, step):
-      args = (acc[i], qs[i], ks[j], vs[j], q_metas[i], kv_metas[j])
+    for i, j, ok, diagonal in _pairs(spec, me, step):
+      args = (acc[i], qs[i], ks[j], vs[j], q_metas[i], kv_metas[j], diagonal)
       acc[i] = attend_and_merge(*args) if ok is None else \
           lax.cond(ok, attend_and_merge, lambda acc, *_: acc, *args)
     return tuple(acc)
@@ -192,8 +214,11 @@ def _ring_forward(spec: RingSpec, q, k, v, q_meta, kv_meta):
   return out, lse
 
 
-def _block_grads(spec: RingSpec, q, k, v, q_meta, kv_meta, out, lse, dout, dlse):
+def _block_grads(spec: RingSpec, q, k, v, q_meta, kv_meta, out, lse, dout, dlse, diagonal):
   """(dq, dk, dv) float32 of one block pair's share of the merged result (chain rule in the module doc)."""
+  if spec.implementation == "cudnn":
+    fn = functools.partial(cudnn_attention.block_grads, scale=_scale(spec, q))
+    return _cudnn_block(spec, fn, diagonal, q, k, v, out, lse, dout, dlse)
   fn = lambda q, k, v: attention(
       q, k, v, causal=spec.causal, q_positions=q_meta[0], kv_positions=kv_meta[0],
       q_segment_ids=q_meta[1], kv_segment_ids=kv_meta[1], sliding_window=spec.sliding_window,
@@ -223,9 +248,9 @@ def _ring_backward(spec: RingSpec, res, cotangents):
     dq, dkv = carry
     ks, vs, kv_metas = _unpack_bwd(*kv, n)
     dq, dk, dv = list(dq), _split(dkv[0], n), _split(dkv[1], n)
-    for i, j, ok in _pairs(spec, me, step):
+    for i, j, ok, diagonal in _pairs(spec, me, step):
       args = ((dq[i], dk[j], dv[j]), qs[i], ks[j], vs[j], q_metas[i], kv_metas[j], outs[i],
-              lses[i], douts[i], dlses[i])
+              lses[i], douts[i], dlses[i], diagonal)
       dq[i], dk[j], dv[j] = grads_and_add(*args) if ok is None else \
           lax.cond(ok, grads_and_add, lambda acc, *_: acc, *args)
     # the gradients of the block held this step travel on with it; after `size` hops they are home

@@ -17,11 +17,18 @@ axes only is what one would write first, but on jax 0.10 the partitioner then ga
 inside it and lowers the Ulysses all-to-all to all-gathers, and a Mosaic kernel inside it fails
 to lower. Meshes whose axes are Auto or Explicit both work: inputs are resharded to the in_specs
 first where the axis types demand it.
+
+With implementation "cudnn" (index masks only): the local attention must see its sequence in
+global order, so after a Ulysses all-to-all in the zigzag layout the sequence is unzipped even
+without a ring; positions must be the layout's defaults and segment ids absent; all-gather and
+ring windows are refused (`cudnn_attention.check_sequence_parallel`).
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
-from lcjax.ops import cost_model, layouts, manual, ulysses
+from lcjax.ops import cost_model, cudnn_attention, layouts, manual, ulysses
 from lcjax.ops.attention import attention
 from lcjax.ops.ring import RingSpec, ring_attention
 
@@ -48,7 +55,11 @@ def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, r
   uly_axes, ring_axes = {"usp": ((ulysses_axis,) if U > 1 else (), (ring_axis,) if R > 1 else ()),
                          "ulysses": (seq_axes, ()), "ring": ((), seq_axes),
                          "allgather": ((), ())}[strategy]
+  degree = math.prod(R if a == ring_axis else U for a in uly_axes)  # Ulysses head split
+  cudnn = kw["implementation"] == "cudnn"
   unzip = U if layout == "zigzag" and uly_axes and ring_axes else 1
+  if cudnn and layout == "zigzag" and uly_axes and not ring_axes:  # into global order
+    unzip = degree
 
   def body(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     if strategy == "allgather":
@@ -58,9 +69,6 @@ def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, r
                        q_segment_ids=q_seg, kv_segment_ids=gather(kv_seg), return_lse=return_lse,
                        **kw)
     if uly_axes:
-      degree = 1
-      for a in uly_axes:
-        degree *= R if a == ring_axis else U
       f = ulysses.kv_head_repeats(q.shape[2], k.shape[2], degree)
       if f > 1:  # Hkv < degree: repeat each kv head the fewest times that splits evenly
         k, v = jnp.repeat(k, f, axis=2), jnp.repeat(v, f, axis=2)
@@ -75,6 +83,8 @@ def _local_attention(strategy, layout, R, U, ring_axis, ulysses_axis, seq_len, r
       spec = RingSpec(axes=ring_axes, starts=tuple(map(tuple, starts.tolist())), half_len=half,
                       **kw)
       out, lse = ring_attention(q, k, v, (q_pos, q_seg), (kv_pos, kv_seg), spec)
+    elif cudnn:  # the (sub)sequence in global order: positions are the token indices
+      out, lse = attention(q, k, v, return_lse=True, **kw)
     else:
       out, lse = attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
                            kv_segment_ids=kv_seg, return_lse=True, **kw)
@@ -127,6 +137,12 @@ def sequence_parallel_attention(q, k, v, *, mesh, strategy="usp", layout="zigzag
         ring_size=R, ulysses_size=U).strategy
   check_sequence_parallel(H, k.shape[2], S, ring_size=R, ulysses_size=U, strategy=strategy,
                           layout=layout)
+  if implementation == "cudnn":
+    cudnn_attention.check_platform(manual.platform(mesh))
+    ring = (strategy == "ring" and R * U > 1) or (strategy == "usp" and R > 1)
+    cudnn_attention.check_sequence_parallel(
+        strategy, q.shape[3], q.dtype, ring=ring, causal=causal, sliding_window=sliding_window,
+        softcap=softcap, segments=q_segment_ids is not None, positions=q_positions is not None)
   kw = dict(causal=causal, sliding_window=sliding_window, softcap=softcap, scale=scale,
             implementation=implementation)
   if q_positions is None:
