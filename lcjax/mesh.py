@@ -18,7 +18,10 @@ LOGICAL_RULES = {
     "batch": BATCH_AXES,
     "seq": SEQUENCE_AXES,
     "act_embed": None,     # model width of activations (batch already uses fsdp)
-    "embed": ("fsdp",),    # model width of parameters: ZeRO-3 sharding
+    # model width of parameters: ZeRO-3 over every axis whose devices see different tokens,
+    # fsdp and the sequence axes (as DeepSpeed-Ulysses with ZeRO-3 and MaxText's context
+    # parallelism do), so one long sequence over P chips holds 1/P of the state on each
+    "embed": ("fsdp", "ring", "ulysses"),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

@@ -65,6 +65,18 @@ def test_logical_spec_shards_only_dimensions_that_divide():
   assert mesh_lib.logical_spec((8, 8), (None, None), mesh) == P(None, None)
 
 
+def test_parameters_are_sharded_over_the_sequence_axes_too():
+  """ZeRO-3 over fsdp x ring x ulysses: one sequence spread over the chips by sequence
+  parallelism holds a 1/P share of the parameters (and so of grads and optimizer state)."""
+  mesh = _mesh(data=1, fsdp=2, ring=2, ulysses=2)
+  assert mesh_lib.logical_spec((32, 64), ("embed", "mlp"), mesh) == P(("fsdp", "ring", "ulysses"),
+                                                                      None)
+  assert mesh_lib.logical_spec((32, 64), ("embed", "mlp"), _mesh(data=2, ring=4)) == P("ring", None)
+  # activations keep their width whole: their sequence dimension already uses ring x ulysses
+  assert mesh_lib.logical_spec((2, 32, 32), ("batch", "seq", "act_embed"), mesh) == \
+      P("fsdp", ("ring", "ulysses"), None)
+
+
 def test_logical_spec_leaves_out_axes_of_size_one():
   mesh = _mesh(data=2, fsdp=4)  # tensor = 1: "mlp" has no axis to go to
   assert mesh_lib.logical_spec((32, 64), ("embed", "mlp"), mesh) == P("fsdp", None)
@@ -80,7 +92,7 @@ def test_unshardable_dims_reports_the_indivisible_dimension():
   assert mesh_lib.unshardable_dims((2, 30, 63), ("layers", "embed", "mlp"), mesh) == \
       [(1, "embed", ("fsdp",)), (2, "mlp", ("tensor",))]
   # a rule whose axes are all of size one shards nothing and so cannot fail
-  assert mesh_lib.unshardable_dims((30, 7), ("embed", "mlp"), _mesh(data=4, ulysses=2)) == []
+  assert mesh_lib.unshardable_dims((30, 7), ("embed", "mlp"), _mesh(data=8)) == []
   # several axes at once: the product must divide
   batch_mesh = _mesh(data=2, fsdp=4)
   assert mesh_lib.unshardable_dims((12, 32), ("batch", "seq"), batch_mesh) == \
