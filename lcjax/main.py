@@ -1,6 +1,7 @@
 """CLI: python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=DIR [--config.a.b=v]
 [--dry_run [--target=tpu:v5p:2x2x2 | gpu:h100:8 | ...]]"""
 import json
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,6 +20,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _TARGET.value:  # compile-only devices: no accelerator of this host is wanted
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from lcjax import train  # after absl parsed flags, so JAX sees the environment as set
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value,

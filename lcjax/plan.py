@@ -20,12 +20,15 @@ The cost model, per device and step (an estimate to rank candidates, not a measu
             `EFFICIENCY` of the target's peak;
   attention the exposed sequence-parallel communication of `ops.cost_model.estimate` per layer,
             a third more where the attention forward is recomputed;
-  fsdp      all-gathers of the bf16 params (forward, backward, recomputed forward) and the
-            reduce-scatter of the fp32 gradients over the chip links, hidden behind compute up
+  ZeRO-3    all-gathers of the bf16 params (forward, backward, recomputed forward) and the
+            reduce-scatter of the fp32 gradients over fsdp x ring x ulysses (`mesh.py` shards the
+            parameters over all three), over the chip links, hidden behind compute up
             to its length (XLA's asynchronous collectives);
   host      remat offload's block inputs out and back, hidden behind compute up to its length;
-            optimizer offload streams the fp32 params and moments through the device and back
-            after the backward pass: not hidden.
+            optimizer offload keeps the fp32 params and moments in host memory and updates them
+            there (`optim.update_on=host`: the least device memory): the gradients go down, the
+            bf16 params come up, the host AdamW reads and writes the state at
+            `HOST_ADAMW_BYTES_S` per chip; after the backward pass, so not hidden.
 """
 import dataclasses
 import itertools
@@ -36,6 +39,7 @@ from lcjax.model import ModelConfig
 from lcjax.ops import cost_model
 
 EFFICIENCY = 0.5  # fraction of peak the step's matmuls and kernels reach (an assumption)
+HOST_ADAMW_BYTES_S = 10e9  # state bytes per second a host's AdamW updates per chip (assumed)
 REMAT_BY_MEMORY = ("offload", "full", "dots", "none")  # least device memory first
 
 
@@ -53,7 +57,7 @@ class Candidate:
     return {"mesh.data": 1, "mesh.fsdp": self.fsdp, "mesh.ring": self.ring,
             "mesh.ulysses": self.ulysses, "mesh.replica": 1, "mesh.tensor": 1,
             "model.remat": self.remat, **{f"model.{k}": v for k, v in chunks.items()},
-            "optim.offload": self.offload}
+            "optim.offload": self.offload, "optim.update_on": "host" if self.offload else "auto"}
 
   def describe(self) -> str:
     return (f"ring {self.ring} x ulysses {self.ulysses}, fsdp {self.fsdp}, MsT "
@@ -115,13 +119,16 @@ def predict(c: Candidate, cfg: ModelConfig, target, batch_size: int, seq_len: in
     attention = per_layer * L * (4 / 3 if c.remat != "none" else 1.0)
 
   link = target.spec.link_gbytes_s * 1e9
-  share = (c.fsdp - 1) / c.fsdp
+  zero = c.fsdp * c.ring * c.ulysses
+  share = (zero - 1) / zero
   gathers = 3 if c.remat in ("full", "offload") else 2
   fsdp_s = (gathers * 2 + 4) * param_count * share / link
   host = target.spec.host_gbytes_s * 1e9
   local_tokens = tokens / chips
   remat_host_s = 2 * L * local_tokens * E * 2 / host if c.remat == "offload" else 0.0
-  optimizer_host_s = 12 * param_count / c.fsdp / host if c.offload else 0.0
+  shard = param_count / (c.fsdp * c.ring * c.ulysses)  # ZeRO-3 over fsdp x ring x ulysses
+  optimizer_host_s = (max(12 * shard / HOST_ADAMW_BYTES_S, 6 * shard / host) if c.offload
+                      else 0.0)
   return Prediction(compute, attention, max(0.0, fsdp_s - compute),
                     max(0.0, remat_host_s - compute) + optimizer_host_s)
 

@@ -11,6 +11,7 @@ compiler, judged against the target's memory) or for this machine's devices:
 Without --target, memory analysis is this machine's backend's (CPU: no separate host memory, so
 the `offload` policy is left out, and the sum of buffers stands in for the compiler's peak).
 """
+import os
 import sys
 
 from absl import app, flags
@@ -31,6 +32,8 @@ flags.mark_flag_as_required("config")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _TARGET.value:  # compile-only devices: no accelerator of this host is wanted
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   from lcjax import fit, targets
   from lcjax.ops import manual

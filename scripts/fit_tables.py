@@ -10,6 +10,7 @@ message); the JSONL gets one record per compile and one per combination with the
 """
 import json
 import math
+import os
 import time
 
 from absl import app, flags
@@ -23,14 +24,17 @@ _MIN_LOG2 = flags.DEFINE_integer("min_log2", 13, "shortest length: 2**min_log2 t
 _MAX_LOG2 = flags.DEFINE_integer("max_log2", 20, "longest length: 2**max_log2 tokens")
 flags.mark_flags_as_required(["config", "target", "out"])
 
-# name -> (one sequence over all chips?, MsT, remat, optimizer offload)
+# name -> (one sequence over all chips?, MsT, remat, optimizer offload: "" off, else where the
+# update runs: "host" keeps the state in host memory throughout, "device" streams it through)
 COMBOS = {
-    "remat_full": (False, False, "full", False),
-    "mst_remat_full": (False, True, "full", False),
-    "mst_remat_offload": (False, True, "offload", False),
-    "mst_remat_offload_opt_offload": (False, True, "offload", True),
-    "usp_mst_remat_full": (True, True, "full", False),
-    "usp_mst_remat_offload_opt_offload": (True, True, "offload", True),
+    "remat_full": (False, False, "full", ""),
+    "mst_remat_full": (False, True, "full", ""),
+    "mst_remat_offload": (False, True, "offload", ""),
+    "mst_remat_full_opt_offload": (False, True, "full", "host"),
+    "mst_remat_full_opt_offload_device_lane": (False, True, "full", "device"),
+    "mst_remat_offload_opt_offload": (False, True, "offload", "host"),
+    "usp_mst_remat_full": (True, True, "full", ""),
+    "usp_mst_remat_offload_opt_offload": (True, True, "offload", "host"),
 }
 
 
@@ -43,11 +47,13 @@ def overrides(name, chips, model_config):
           "mesh.fsdp": 1 if spread else chips, "mesh.ulysses": ulysses,
           "mesh.ring": chips // ulysses if spread else 1,
           "train.batch_size": 1 if spread else chips, "model.remat": remat,
-          "optim.offload": offload, **{f"model.{k}": v for k, v in chunks.items()}}
+          "optim.offload": bool(offload), "optim.update_on": offload or "auto",
+          **{f"model.{k}": v for k, v in chunks.items()}}
 
 
 def main(argv):
   del argv
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no accelerator wanted
   from lcjax import fit, plan, targets
   target = targets.parse(_TARGET.value)
   devices, budget = target.devices(), target.hbm_bytes_per_device

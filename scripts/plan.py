@@ -8,6 +8,8 @@ model's predicted step time, and prints the table and the winning --config.* fla
 
 Prints one line per compile as it goes, then a markdown table, fastest fitting first.
 """
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,6 +25,7 @@ flags.mark_flags_as_required(["config", "target"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no accelerator wanted
   from lcjax import plan, targets
   config = _CONFIG.value
   seq_len = _SEQ_LEN.value or config.train.seq_len
