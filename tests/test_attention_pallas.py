@@ -2,6 +2,8 @@
 
 Accuracy against the reference is in test_attention_kernels.py.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +41,27 @@ def test_lowers_for_tpu(dtype):
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   lowered = jax.jit(grads).trace(q, kv, kv, ids, ids).lower(lowering_platforms=("tpu",))
-  assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dK/dV, dQ
+  calls = [line for line in lowered.as_text().splitlines() if "@tpu_custom_call(" in line]
+  rows = []  # per call: lse/Delta [1, H, 1, T] and ids [1, 1, T], never [.., T, 128] in HBM
+  for call in calls:
+    operands = call.rsplit(" : (", 1)[1].split(") ->")[0]
+    shapes = [tuple(map(int, m.split("x"))) for m in re.findall(r"tensor<([\dx]+)x[bfi]", operands)]
+    rows.append(sum(s[-2:] == (1, 1024) for s in shapes))
+    rest = [s for s in shapes if len(s) > 1 and s[-2:] != (1, 1024)]
+    assert all(len(s) == 4 and s[-2:] == (1024, D) for s in rest), operands  # q, k, v, out, dO..
+  assert sorted(rows) == [5, 6, 6], rows  # forward: 4 ids, lse; dK/dV and dQ: lse, Delta, 4 ids
+
+
+def test_tpu_blocks_must_be_lane_multiples():
+  """Row blocks (1, n) need n % 128 == 0 unless one block holds the whole sequence."""
+  q = jnp.zeros((1, 300, 2, 128))
+  pos = jnp.arange(300)[None]
+  kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=None, kv_segment_ids=None,
+            causal=True, sliding_window=None, softcap=None, scale=1.0, interpret=False)
+  with pytest.raises(ValueError, match=r"block_q to be a multiple of 128.*block_q=64 over 5"):
+    pallas_attention(q, q, q, block_sizes=tiles.BlockSizes(64, 512), **kw)
+  with pytest.raises(ValueError, match=r"block_kv to be a multiple of 128.*block_kv=200 over 2"):
+    pallas_attention(q, q, q, block_sizes=tiles.BlockSizes(512, 200), **kw)
 
 
 def test_plan_skips_and_reuses_blocks():

@@ -137,7 +137,9 @@ def test_pallas_attention_compiles_for_tpu(topology, name, T, H, K, kw):
 def test_pallas_attention_at_262144_tokens_per_device_keeps_its_plan_in_smem():
   """At 262144 tokens per device (B = 1 there, 512-blocks) one call's whole tile plan was 1 MiB
   and the v5p compile failed ("Ran out of memory in memory space smem"); each kernel now runs as
-  a loop of calls whose scalar-prefetched plan slab fits pallas_common.PLAN_BUDGET_BYTES."""
+  a loop of calls whose scalar-prefetched plan slab fits pallas_common.PLAN_BUDGET_BYTES.
+  Per-row values (lse, Delta) and ids are rows [.., 1, T] in HBM: broadcast over 128 lanes, each
+  f32 one was 1 GiB here and the compile held 4849 MiB of temporaries (1555 MiB as rows)."""
   from lcjax.ops import pallas_common
   mesh = _mesh(targets.parse("tpu:v5p:2x2x1"), fsdp=4)
   B, T, H, K, D = 4, 262144, 8, 2, 128
@@ -151,12 +153,17 @@ def test_pallas_attention_at_262144_tokens_per_device_keeps_its_plan_in_smem():
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
   with jax.set_mesh(mesh):
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile().as_text()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile()
+  hlo = compiled.as_text()
   plans = [int(n) for n in re.findall(  # scalar prefetch: (first row [1], plan slab [n])
       r'custom_call_target="tpu_custom_call", operand_layout_constraints=\{s32\[1\]\{0\}, '
       r's32\[(\d+)\]', hlo)]
   assert len(plans) == 3, plans  # forward, dK/dV, dQ
   assert all(0 < 4 * n <= pallas_common.PLAN_BUDGET_BYTES < 4 * (T // 512) ** 2 for n in plans)
+  # temporaries: q, out and dO in kernel layout [1, H, T, D] (bf16, 512 MiB each here) and rows
+  # of 4 bytes a token; one [1, H, T, 128] f32 array alone would take 1 GiB more
+  q_bytes = T * H * D * 2
+  assert compiled.memory_analysis().temp_size_in_bytes < 4 * q_bytes
 
 
 def _async_permutes_around_compute(hlo):

@@ -7,6 +7,12 @@ VMEM scratch holds the running max, sum and float32 accumulator of FlashAttentio
 (`pallas_attention_bwd`): a dK/dV kernel and a dQ kernel that recompute P from the LSE (Alg. 2).
 `jax.custom_vjp` ties them together; gradients flow through both out and lse.
 
+What lives in HBM (see `pallas_common`): q, k, v, out in [B, heads, T, D]; the LSE, saved from
+forward to backward, and Delta as rows [B, H, 1, Tq] f32; positions and segment ids as rows
+[B, 1, T] int32. Rows cost 4 bytes a token; the lane-broadcast [.., T, 128] form that VMEM tiles
+want would cost 512, which at 256K tokens per chip is GiBs per layer. The kernels transpose rows
+to columns and back in VMEM, once per block.
+
 K/V heads are indexed as h // G (GQA/MQA, never repeated). Per-block min/max of positions and
 segment ids give each tile a status (SKIP / PARTIAL / FULL, `tiles.block_status`); SKIP tiles
 are not computed and reload the previous block, FULL tiles skip the mask. Beyond the plan
@@ -26,7 +32,7 @@ from lcjax.ops import tiles
 
 def _fwd_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, *refs, spec, lay):
   del start_ref
-  id_refs, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = pc.split_refs(spec, refs)
+  id_refs, (o_ref, lse_ref, m_scr, l_scr, acc_scr, *q_cols) = pc.split_refs(spec, refs)
   c, j = pl.program_id(0), pl.program_id(2)
 
   @pl.when(j == 0)
@@ -34,9 +40,11 @@ def _fwd_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, *refs, spec, lay):
     m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    pc.fill_columns(id_refs, q_cols, "q")
 
   def update(masked):
-    s, _, mask = pc.load_tile(spec, q_ref, k_ref, id_refs, j * lay.bk, masked)
+    s, _, mask = pc.load_tile(spec, q_ref, k_ref, pc.tile_ids(id_refs, q_cols, "q"),
+                              j * lay.bk, masked)
     m, l, acc = tiles.online_softmax_update(s, mask, v_ref[...], m_scr[:, :1], l_scr[:, :1],
                                             acc_scr[...])
     m_scr[...] = jnp.broadcast_to(m, m_scr.shape)
@@ -49,7 +57,7 @@ def _fwd_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, *refs, spec, lay):
   def _finish():
     out, lse = tiles.finalize(m_scr[:, :1], l_scr[:, :1], acc_scr[...])
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+    lse_ref[...] = pc.to_row(lse)
 
 
 def flash_forward(spec, lay, interpret, q, k, v, ids, sums):
@@ -64,10 +72,11 @@ def flash_forward(spec, lay, interpret, q, k, v, ids, sums):
       lay=lay, rows=lay.B * lay.nq, cols=lay.nk, inner=(lay.H, lay.nk), operands=(q, k, v, *ids),
       in_specs=[specs.q, specs.kv, specs.kv, *specs.id_specs(spec.segments)],
       out_specs=[specs.q, specs.q_row],
-      out_shape=[pc.sds(q.shape, q.dtype), pc.sds(q.shape[:3] + (pc.LANES,), jnp.float32)],
-      scratch=[pc.vmem(lay.bq, pc.LANES), pc.vmem(lay.bq, pc.LANES), pc.vmem(lay.bq, lay.D)],
+      out_shape=[pc.sds(q.shape, q.dtype), pc.sds(q.shape[:2] + (1, q.shape[2]), jnp.float32)],
+      scratch=[pc.vmem(lay.bq, pc.LANES), pc.vmem(lay.bq, pc.LANES), pc.vmem(lay.bq, lay.D),
+               *pc.id_columns(spec, lay.bq)],
       semantics=("parallel", "parallel", "arbitrary"), interpret=interpret)
-  return out, lse[..., 0]
+  return out, lse[:, :, 0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -84,8 +93,8 @@ def _flash_bwd(spec, lay, interpret, res, cotangents):
   q, k, v, ids, sums, out, lse = res
   dout, dlse = cotangents
   lse_bwd, delta = tiles.backward_row_terms(out, dout, lse, dlse)
-  dq, dk, dv = bwd.flash_backward(spec, lay, interpret, q, k, v, dout, pc.rows(lse_bwd),
-                                  pc.rows(delta), ids, sums)
+  dq, dk, dv = bwd.flash_backward(spec, lay, interpret, q, k, v, dout, lse_bwd[:, :, None],
+                                  delta[:, :, None], ids, sums)
   return dq, dk, dv, None, None
 
 
@@ -139,6 +148,8 @@ def pallas_attention(q_BTHD, k_BTKD, v_BTKD, *, q_positions, kv_positions, q_seg
   most = pc.plan_entries()
   lay = pc.Layout(B=B, H=H, K=K, D=D, nq=-(-Tq // bq), nk=-(-Tk // bk), bq=bq, bk=bk,
                   plan_entries=most)
+  if not interpret:
+    pc.check_blocks(lay)
   options = dict(causal=causal, sliding_window=sliding_window, softcap=softcap, scale=scale,
                  interpret=interpret, block_sizes=blocks)
   if max(lay.nq, lay.nk) > most:  # a grid row alone would overflow one call's plan

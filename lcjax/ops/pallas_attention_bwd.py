@@ -5,8 +5,12 @@ Delta = rowsum(dO * O) - dLSE (Alg. 2 of arXiv 2307.08691, plus the LSE's own co
 
 - dK/dV: grid (B * kv blocks, K, G, q blocks); the last two axes are sequential reductions, so
   the G query heads that share a kv head accumulate into one float32 dK/dV scratch (GQA
-  without repeating K/V or summing afterwards).
-- dQ: grid (B * q blocks, H, kv blocks), a float32 dQ scratch accumulated over kv blocks.
+  without repeating K/V or summing afterwards). It works on the transposed tile
+  S^T = K Q^T [bk, bq]: dV += P^T dO and dK += dS^T Q are then plain matmuls, and the
+  per-query rows (LSE, Delta, positions, segment ids; [.., 1, Tq] in HBM) broadcast over the
+  tile's sublanes as loaded, so a q block step transposes nothing.
+- dQ: grid (B * q blocks, H, kv blocks), a float32 dQ scratch accumulated over kv blocks; the
+  q block's LSE, Delta and ids become VMEM columns [bq, LANES] once, at its first kv block.
 
 Each runs as a loop of calls over slabs of its first grid axis, each with its slab of the plan;
 tiles the plan marks SKIP are neither computed nor loaded anew (see `pallas_common`).
@@ -20,15 +24,9 @@ from lcjax.ops import pallas_common as pc
 from lcjax.ops import tiles
 
 
-def _grad_tile(spec, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, id_refs, col0, masked):
-  """P and dS of one tile (dS w.r.t. the scaled scores; spec.scale is applied at the end)."""
-  s, t, mask = pc.load_tile(spec, q_ref, k_ref, id_refs, col0, masked)
-  return tiles.tile_p_ds(s, t, mask, lse_ref[:, :1], delta_ref[:, :1], do_ref[...], v_ref[...])
-
-
 def _dkv_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                 spec, lay):
-  id_refs, (dk_ref, dv_ref, dk_scr, dv_scr) = pc.split_refs(spec, refs)
+  id_refs, (dk_ref, dv_ref, dk_scr, dv_scr, *kv_cols) = pc.split_refs(spec, refs)
   c, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   j = pc.row_of(start_ref, c, lay.nk)[1]
 
@@ -36,12 +34,15 @@ def _dkv_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   def _init():
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+    pc.fill_columns(id_refs, kv_cols, "kv")
 
-  def update(masked):
-    p, ds = _grad_tile(spec, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, id_refs,
-                       j * lay.bk, masked)
-    dv_scr[...] += tiles.mm(p.astype(do_ref.dtype), do_ref[...], trans_a=True)
-    dk_scr[...] += tiles.mm(ds.astype(q_ref.dtype), q_ref[...], trans_a=True)
+  def update(masked):  # on the transposed tile [bk, bq]: the query rows broadcast as they are
+    s, t, mask = pc.load_tile(spec, k_ref, q_ref, pc.tile_ids(id_refs, kv_cols, "kv"),
+                              j * lay.bk, masked, transposed=True)
+    p, ds = tiles.tile_p_ds(s, t, mask, lse_ref[...], delta_ref[...], do_ref[...], v_ref[...],
+                            transposed=True)
+    dv_scr[...] += tiles.mm(p.astype(do_ref.dtype), do_ref[...])
+    dk_scr[...] += tiles.mm(ds.astype(q_ref.dtype), q_ref[...])
 
   pc.by_status(plan_ref[c * lay.nq + i], update)
 
@@ -54,16 +55,21 @@ def _dkv_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 def _dq_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                spec, lay):
   del start_ref
-  id_refs, (dq_ref, dq_scr) = pc.split_refs(spec, refs)
+  id_refs, (dq_ref, dq_scr, lse_scr, delta_scr, *q_cols) = pc.split_refs(spec, refs)
   c, j = pl.program_id(0), pl.program_id(2)
 
   @pl.when(j == 0)
   def _init():
     dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+    lse_scr[...] = pc.to_column(lse_ref[...])
+    delta_scr[...] = pc.to_column(delta_ref[...])
+    pc.fill_columns(id_refs, q_cols, "q")
 
   def update(masked):
-    _, ds = _grad_tile(spec, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, id_refs,
-                       j * lay.bk, masked)
+    s, t, mask = pc.load_tile(spec, q_ref, k_ref, pc.tile_ids(id_refs, q_cols, "q"),
+                              j * lay.bk, masked)
+    _, ds = tiles.tile_p_ds(s, t, mask, lse_scr[:, :1], delta_scr[:, :1], do_ref[...],
+                            v_ref[...])
     dq_scr[...] += tiles.mm(ds.astype(k_ref.dtype), k_ref[...])
 
   pc.by_status(plan_ref[c * lay.nk + j], update)
@@ -76,7 +82,7 @@ def _dq_kernel(start_ref, plan_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 def flash_backward(spec, lay, interpret, q, k, v, dout, lse_rows, delta_rows, ids, sums):
   """Kernel-layout residuals and cotangents -> (dq, dk, dv) in the input dtypes.
 
-  lse_rows, delta_rows: [B, H, Tq, LANES] float32 from `tiles.backward_row_terms` (lse +inf on
+  lse_rows, delta_rows: [B, H, 1, Tq] float32 from `tiles.backward_row_terms` (lse +inf on
   empty rows); sums: the block summaries of `tiles.block_summaries`.
   """
   G, nq, nk = lay.G, lay.nq, lay.nk
@@ -99,7 +105,7 @@ def flash_backward(spec, lay, interpret, q, k, v, dout, lse_rows, delta_rows, id
       lay=lay, rows=lay.B * nk, cols=nq, inner=(lay.K, G, nq), operands=operands,
       in_specs=in_specs(dkv), out_specs=[dkv.kv, dkv.kv],
       out_shape=[pc.sds(k.shape, k.dtype), pc.sds(v.shape, v.dtype)],
-      scratch=[pc.vmem(lay.bk, lay.D), pc.vmem(lay.bk, lay.D)],
+      scratch=[pc.vmem(lay.bk, lay.D), pc.vmem(lay.bk, lay.D), *pc.id_columns(spec, lay.bk)],
       semantics=("parallel", "parallel", "arbitrary", "arbitrary"), interpret=interpret)
 
   dq_specs = pc.Specs.by_q_block(lay)
@@ -108,6 +114,7 @@ def flash_backward(spec, lay, interpret, q, k, v, dout, lse_rows, delta_rows, id
       functools.partial(tiles.row_plan, spec, *sums, bk=lay.bk, outer="q"),
       lay=lay, rows=lay.B * nq, cols=nk, inner=(lay.H, nk), operands=operands,
       in_specs=in_specs(dq_specs), out_specs=[dq_specs.q], out_shape=[pc.sds(q.shape, q.dtype)],
-      scratch=[pc.vmem(lay.bq, lay.D)], semantics=("parallel", "parallel", "arbitrary"),
+      scratch=[pc.vmem(lay.bq, lay.D), pc.vmem(lay.bq, pc.LANES), pc.vmem(lay.bq, pc.LANES),
+               *pc.id_columns(spec, lay.bq)], semantics=("parallel", "parallel", "arbitrary"),
       interpret=interpret)
   return dq, dk, dv

@@ -1,10 +1,23 @@
 """Layout, BlockSpecs, tile loading and the chunked grid shared by the Pallas attention kernels.
 
 Kernel layout: q, out [B, H, Tq, D]; k, v [B, K, Tk, D], each padded to whole blocks. Per-row
-float32 values (lse, Delta) are [B, H, Tq, LANES], and query positions/segment ids
-[B, Tq, LANES], broadcast over the 128 TPU lanes; key positions/segment ids are
-[B, SUBLANES, Tk]. So every block's last two dims are (8, 128)-aligned or whole, as Mosaic
-requires, and a query id column [bq, 1] meets a key id row [1, bk] by broadcasting.
+float32 values (lse, Delta) are [B, H, 1, Tq] and positions/segment ids [B, 1, T], one row of
+lanes per head or batch row: XLA tiles such arrays (1, 128) in HBM, so they hold 4 bytes a token
+and no more. (Broadcast over the 128 lanes, [.., T, 128], each f32 array is 4 GiB for Llama3-8B
+at 262144 tokens a chip, and the v5p compile of its attention fwd + bwd held 19.7 GiB of
+temporaries, 6.1 GiB with rows.) Their blocks are (1, bq) and (1, bk), so a kernel block is a
+multiple of 128 or the whole sequence (`check_blocks`). The kernels turn a row into the form
+their tile needs inside VMEM:
+
+- forward and dQ (tile S [bq, bk]): per-query values are columns [bq, 1]; the first kv step of
+  each q block transposes the q block's rows into [bq, LANES] VMEM scratch (`to_column`), and
+  the forward transposes its LSE column back into a row once per q block (`to_row`);
+- dK/dV: computes the transposed tile S^T [bk, bq] (`tiles.tile_p_ds(transposed=True)`), so the
+  query rows (lse, Delta, ids) broadcast over its sublanes as they come from HBM, and only the
+  key ids go into column scratch, once per kv block.
+
+Each transpose moves one [LANES, n] array through the XLU per block and head, not per tile, and
+no pass outside the kernels broadcasts or transposes these arrays in HBM.
 
 A scalar-prefetched plan (`tiles.fetch_plan`) tells each grid step its tile's status and which
 block to load, so skipped tiles cost neither compute nor a new DMA. Scalar prefetch lives in
@@ -65,11 +78,15 @@ class Specs:
   def __init__(self, lay: Layout, q_index, kv_index):
     bq, bk, D = lay.bq, lay.bk, lay.D
     self.q = pl.BlockSpec((None, None, bq, D), lambda *g: (*q_index(*g), 0))
-    self.q_row = pl.BlockSpec((None, None, bq, LANES), lambda *g: (*q_index(*g), 0))
     self.kv = pl.BlockSpec((None, None, bk, D), lambda *g: (*kv_index(*g), 0))
-    q_ids = pl.BlockSpec((None, bq, LANES), lambda *g: (q_index(*g)[0], q_index(*g)[2], 0))
-    kv_ids = pl.BlockSpec((None, SUBLANES, bk), lambda *g: (kv_index(*g)[0], 0, kv_index(*g)[2]))
-    self.ids = [q_ids, kv_ids]
+
+    def row(index):  # (b, h, block) -> (b, h, 0, block) of a [B, H, 1, T] array
+      return lambda *g: (*index(*g)[:2], 0, index(*g)[2])
+    self.q_row = pl.BlockSpec((None, None, 1, bq), row(q_index))
+
+    def ids(index, n):  # (b, _, block) -> (b, 0, block) of a [B, 1, T] array
+      return pl.BlockSpec((None, 1, n), lambda *g: (index(*g)[0], 0, index(*g)[2]))
+    self.ids = [ids(q_index, bq), ids(kv_index, bk)]
 
   @classmethod
   def by_q_block(cls, lay: Layout) -> "Specs":
@@ -88,16 +105,18 @@ class Specs:
     return self.ids * (2 if segments else 1)
 
 
+def check_blocks(lay: Layout):
+  """Mosaic needs a (1, n) row block's n to be a multiple of 128 or the whole (padded) row."""
+  for name, n, b in (("block_q", lay.nq, lay.bq), ("block_kv", lay.nk, lay.bk)):
+    if n > 1 and b % LANES:
+      raise ValueError(f"Pallas TPU attention needs {name} to be a multiple of {LANES} when the "
+                       f"sequence spans several blocks; got {name}={b} over {n} blocks: pass "
+                       f"block sizes that are multiples of {LANES} (the default is 512)")
+
+
 def id_arrays(qpos, kpos, qseg, kseg):
-  """Positions (and segment ids) [B, T] padded -> the lane/sublane-broadcast kernel operands."""
-  def q_side(x):
-    return jnp.broadcast_to(x[:, :, None], x.shape + (LANES,))
-
-  def kv_side(x):
-    return jnp.broadcast_to(x[:, None, :], (x.shape[0], SUBLANES, x.shape[1]))
-
-  ids = (q_side(qpos), kv_side(kpos))
-  return ids if qseg is None else ids + (q_side(qseg), kv_side(kseg))
+  """Positions (and segment ids) [B, T] padded -> the [B, 1, T] kernel operands."""
+  return tuple(x[:, None] for x in (qpos, kpos, qseg, kseg) if x is not None)
 
 
 def split_refs(spec: tiles.Spec, refs):
@@ -107,14 +126,54 @@ def split_refs(spec: tiles.Spec, refs):
   return ids, refs[n:]
 
 
-def load_tile(spec: tiles.Spec, q_ref, k_ref, id_refs, col0, masked: bool):
-  """Scores [bq, bk] float32, tanh(s / softcap) or None, and the mask (None when not masked)."""
-  s, t = tiles.tile_scores(spec, q_ref[...], k_ref[...])
+def id_columns(spec: tiles.Spec, n: int):
+  """VMEM scratch for one side's positions (and segment ids) as columns [n, LANES]."""
+  return [pltpu.VMEM((n, LANES), jnp.int32)] * (2 if spec.segments else 1)
+
+
+def to_column(x_1N):
+  """[1, n] -> [n, LANES], row i holding x[i] in every lane: one transpose, in VMEM."""
+  return jnp.broadcast_to(x_1N, (LANES, x_1N.shape[1])).T
+
+
+def to_row(x_N1):
+  """[n, 1] -> [1, n]: the inverse of `to_column`."""
+  return jnp.broadcast_to(x_N1, (x_N1.shape[0], LANES)).T[:1]
+
+
+def fill_columns(id_refs, col_refs, side: str):
+  """Writes the `side` ("q" or "kv") ids' row blocks [1, n] into their column scratch."""
+  mine = [r for r in (id_refs[0::2] if side == "q" else id_refs[1::2]) if r is not None]
+  for row_ref, col_ref in zip(mine, col_refs, strict=True):
+    col_ref[...] = to_column(row_ref[...])
+
+
+def tile_ids(id_refs, col_refs, side: str):
+  """() -> (qpos, kpos, qseg, kseg) as they broadcast against the tile: the `side` ids from their
+  column scratch [n, 1], the other side's as their row blocks [1, n]."""
+  def read():
+    cols, out = iter(col_refs), []
+    for n, ref in enumerate(id_refs):  # (qpos, kpos, qseg, kseg): the q side at even n
+      if ref is None:
+        out.append(None)
+      elif (n % 2 == 0) == (side == "q"):
+        out.append(next(cols)[:, :1])
+      else:
+        out.append(ref[...])
+    return tuple(out)
+  return read
+
+
+def load_tile(spec: tiles.Spec, a_ref, b_ref, ids, col0, masked: bool, transposed=False):
+  """Scores float32, tanh(s / softcap) or None, and the mask (None when not masked).
+
+  a, b = q, k: S [bq, bk]; transposed: a, b = k, q and S^T [bk, bq]. ids: `tile_ids`, read
+  only for a masked tile.
+  """
+  s, t = tiles.tile_scores(spec, a_ref[...], b_ref[...])
   if not masked:
     return s, t, None
-  qpos_ref, kpos_ref, qseg_ref, kseg_ref = id_refs
-  segs = (qseg_ref[:, :1], kseg_ref[:1, :]) if spec.segments else (None, None)
-  return s, t, tiles.tile_mask(spec, qpos_ref[:, :1], kpos_ref[:1, :], *segs, col0)
+  return s, t, tiles.tile_mask(spec, *ids(), col0, kv_axis=0 if transposed else 1)
 
 
 def row_of(start_ref, c, n):
@@ -133,11 +192,6 @@ def by_status(code, body):
   status = lax.rem(code, 4)
   pl.when(status == tiles.FULL)(lambda: body(False))
   pl.when(status == tiles.PARTIAL)(lambda: body(True))
-
-
-def rows(x_BHT):
-  """[B, H, T] float32 -> [B, H, T, LANES] lane-broadcast, as the kernels read per-row values."""
-  return jnp.broadcast_to(x_BHT[..., None], x_BHT.shape + (LANES,))
 
 
 def call_by_rows(kernel, plan, *, lay: Layout, rows: int, cols: int, inner, operands, in_specs,

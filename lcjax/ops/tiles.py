@@ -97,22 +97,26 @@ def tile_scores(spec: Spec, q_QD, k_KD, acc_dtype=jnp.float32):
   return spec.softcap * t, t
 
 
-def tile_mask(spec: Spec, qpos_Q1, kpos_1K, qseg_Q1, kseg_1K, col0):
-  """[bq, bk] bool: may query i attend key j (DESIGN.md semantics, padded keys excluded), or None."""
-  bq, bk = qpos_Q1.shape[0], kpos_1K.shape[1]
+def tile_mask(spec: Spec, qpos, kpos, qseg, kseg, col0, kv_axis: int = 1):
+  """bool tile: may query i attend key j (DESIGN.md semantics, padded keys excluded), or None.
+
+  The query ids and key ids broadcast together to the tile: [bq, 1] and [1, bk] for S [bq, bk]
+  (kv_axis 1), or [1, bq] and [bk, 1] for the transposed tile S^T [bk, bq] (kv_axis 0).
+  """
+  shape = (qpos.shape[0], kpos.shape[1]) if kv_axis == 1 else (kpos.shape[0], qpos.shape[1])
   conds = []
   if spec.causal:
-    conds.append(kpos_1K <= qpos_Q1)
+    conds.append(kpos <= qpos)
   if spec.sliding_window is not None:
-    conds.append(qpos_Q1 - kpos_1K < spec.sliding_window)
+    conds.append(qpos - kpos < spec.sliding_window)
   if spec.segments:
-    conds.append(qseg_Q1 == kseg_1K)
-  if spec.kv_len % bk:
-    cols = col0 + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    conds.append(qseg == kseg)
+  if spec.kv_len % shape[kv_axis]:
+    cols = col0 + lax.broadcasted_iota(jnp.int32, shape, kv_axis)
     conds.append(cols < spec.kv_len)
   if not conds:
     return None
-  return functools.reduce(jnp.logical_and, [jnp.broadcast_to(c, (bq, bk)) for c in conds])
+  return functools.reduce(jnp.logical_and, [jnp.broadcast_to(c, shape) for c in conds])
 
 
 def online_softmax_update(s_QK, mask_QK, v_KD, m_Q1, l_Q1, acc_QD):
@@ -135,15 +139,18 @@ def finalize(m_Q1, l_Q1, acc_QD):
   return acc_QD / l_safe, jnp.where(seen, m_Q1 + jnp.log(l_safe), -jnp.inf)
 
 
-def tile_p_ds(s_QK, t_QK, mask_QK, lse_Q1, delta_Q1, do_QD, v_KD):
+def tile_p_ds(s_QK, t_QK, mask_QK, lse_Q1, delta_Q1, do_QD, v_KD, transposed=False):
   """Recomputed probabilities P and dS [bq, bk] w.r.t. the scaled, uncapped scores.
 
   lse must be +inf (not -inf) on empty rows, which makes P exactly 0 there without a branch.
+  transposed: s, t, mask are the transposed tile [bk, bq], lse and delta rows [1, bq]; returns
+  P^T and dS^T, so that dV += P^T dO and dK += dS^T Q need no transpose.
   """
   if mask_QK is not None:
     s_QK = jnp.where(mask_QK, s_QK, -jnp.inf)
   p_QK = jnp.exp(s_QK - lse_Q1)
-  dp_QK = mm(do_QD, v_KD, trans_b=True, out_dtype=lse_Q1.dtype)
+  dp_QK = (mm(v_KD, do_QD, trans_b=True, out_dtype=lse_Q1.dtype) if transposed else
+           mm(do_QD, v_KD, trans_b=True, out_dtype=lse_Q1.dtype))
   ds_QK = p_QK * (dp_QK - delta_Q1)
   if t_QK is not None:
     ds_QK = ds_QK * (1.0 - t_QK * t_QK)
