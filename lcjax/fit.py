@@ -67,6 +67,35 @@ def step_memory(config, seq_len: int, devices=None) -> StepMemory:
                     mem.host_temp_size_in_bytes)
 
 
+def _measure_in_child(config, seq_len: int, target_name: str, queue):
+  from lcjax import targets
+  try:
+    queue.put(step_memory(config, seq_len, targets.parse(target_name).devices()))
+  except Exception as e:  # noqa: BLE001 (re-raised in the parent)
+    queue.put(ValueError(str(e)) if isinstance(e, ValueError) else RuntimeError(
+        f"{type(e).__name__}: {e}"))
+
+
+def step_memory_isolated(config, seq_len: int, target_name: str):
+  """(StepMemory, "") of `step_memory` for a target, compiled in a child process (the caller's
+  main module must be import-safe: multiprocessing's spawn imports it); errors are re-raised
+  here; (None, what happened) when the compiler crashed the child (libtpu aborts its process on a failed internal check,
+  e.g. `llo_loop.cc: Check failed: index_space_.start <= index_space_.limit` for Llama3-8B at
+  512K tokens per v5p chip), so that a search records the crash and goes on."""
+  import multiprocessing
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  child = ctx.Process(target=_measure_in_child, args=(config, seq_len, target_name, queue))
+  child.start()
+  child.join()  # the result is a few hundred bytes: the child's exit never waits on the pipe
+  if child.exitcode != 0:  # killed by a signal (libtpu's abort is SIGABRT, exit code -6)
+    return None, f"the compiler crashed its process (exit code {child.exitcode})"
+  result = queue.get(timeout=60)
+  if isinstance(result, Exception):
+    raise result
+  return result, ""
+
+
 def with_overrides(config, overrides: dict):
   """A copy of `config` with {"section.key": value} overrides (keys must exist)."""
   config = config.copy_and_resolve_references()

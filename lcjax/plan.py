@@ -157,15 +157,18 @@ def _frugality(c: Candidate):
 
 
 def search(config, target, seq_len: int, *, batch_size: int | None = None, margin: float = 0.05,
-           budget_bytes: int | None = None, on_row=None, **candidate_kwargs) -> list[Row]:
+           budget_bytes: int | None = None, isolated: bool = False, on_row=None,
+           **candidate_kwargs) -> list[Row]:
   """Rows of every candidate, compiled ones with their memory, fastest fitting first. A step
-  fits in `budget_bytes` per device (default: the target's memory less `margin`)."""
+  fits in `budget_bytes` per device (default: the target's memory less `margin`). `isolated`
+  compiles each candidate in a child process (`fit.step_memory_isolated`), so a compiler
+  crash is one row's note, not the end of the search."""
   batch_size = batch_size or config.train.batch_size
   base = fit.with_overrides(config, {"train.batch_size": batch_size, "train.seq_len": seq_len})
   model_cfg = model_config(base)
   params = model_cfg.param_count()
   budget = budget_bytes or target.hbm_bytes_per_device * (1 - margin)
-  devices = target.devices()
+  devices = None if isolated else target.devices()
   rows = []
 
   def row(c, memory=None, note=""):
@@ -177,9 +180,14 @@ def search(config, target, seq_len: int, *, batch_size: int | None = None, margi
     return r
 
   def compile_row(c):
+    config = fit.with_overrides(base, c.overrides(model_cfg))
     try:
-      memory = fit.step_memory(fit.with_overrides(base, c.overrides(model_cfg)), seq_len,
-                               devices)
+      if isolated:
+        memory, crash = fit.step_memory_isolated(config, seq_len, target.name)
+        if memory is None:
+          return row(c, note=crash)
+      else:
+        memory = fit.step_memory(config, seq_len, devices)
     except ValueError as e:  # a combination the config refuses
       return row(c, note=f"refused: {e}")
     return row(c, memory)

@@ -56,7 +56,7 @@ def main(argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices: no accelerator wanted
   from lcjax import fit, plan, targets
   target = targets.parse(_TARGET.value)
-  devices, budget = target.devices(), target.hbm_bytes_per_device
+  budget = target.hbm_bytes_per_device
   model_config = plan.model_config(_CONFIG.value)
   names = _COMBOS.value or list(COMBOS)
   lengths = [2 ** e for e in range(_MIN_LOG2.value, _MAX_LOG2.value + 1)]
@@ -71,13 +71,14 @@ def main(argv):
 
       def fits(i):
         start = time.time()
-        m = fit.step_memory(config, lengths[i], devices)
+        m, crash = fit.step_memory_isolated(config, lengths[i], target.name)
         measured[i] = m
-        print(f"{target.name} {name} T={lengths[i]}: {m.describe()} ({time.time() - start:.0f} s)",
-              flush=True)
-        record(combo=name, seq_len=lengths[i], bytes=m.total, exhausted=m.exhausted,
-               fits=m.fits(budget), compile_s=round(time.time() - start, 1))
-        return m.fits(budget)
+        print(f"{target.name} {name} T={lengths[i]}: {m.describe() if m else crash} "
+              f"({time.time() - start:.0f} s)", flush=True)
+        record(combo=name, seq_len=lengths[i], bytes=m.total if m else None,
+               exhausted=m.exhausted if m else crash, fits=bool(m and m.fits(budget)),
+               compile_s=round(time.time() - start, 1))
+        return bool(m and m.fits(budget))
 
       lo, hi = -1, len(lengths)  # lengths[lo] fits (-1: none known), lengths[hi] does not
       while hi - lo > 1:
@@ -88,7 +89,7 @@ def main(argv):
           hi = mid
       best = lengths[lo] if lo >= 0 else 0
       record(combo=name, longest=best, bytes=measured[lo].total if lo >= 0 else None,
-             next_bytes=measured[hi].total if hi < len(lengths) else None,
+             next_bytes=getattr(measured.get(hi), "total", None),
              budget=budget, overrides=overrides(name, target.chips, model_config))
       print(f"==> {target.name} {name}: longest {best} tokens", flush=True)
 

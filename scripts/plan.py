@@ -44,12 +44,12 @@ def main(argv):
           "sequences", flush=True)
 
     def show(r):
-      if r.memory is not None or r.note.startswith("refused"):
+      if r.memory is not None or not r.note.startswith("not compiled"):
         what = r.memory.describe() if r.memory else r.note
         print(f"  {r.candidate.describe()}: {what}", flush=True)
 
     rows = plan.search(config, target, seq_len, batch_size=batch, margin=_MARGIN.value,
-                       remats=remats, on_row=show)
+                       remats=remats, isolated=True, on_row=show)
   except (ValueError, ImportError) as e:
     raise SystemExit(f"plan.py: error: {e}")
   print("\n| ring | ulysses | fsdp | MsT | remat | opt. offload | memory (GiB) | fits | "
