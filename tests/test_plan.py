@@ -91,3 +91,13 @@ def test_fit_script_plans_for_a_tpu_target():
   assert out.returncode == 0, out.stderr[-2000:]
   assert "budget 16 GiB per device; tpu:v5e:2x2, 4 devices" in out.stdout
   assert out.stdout.count("| none | 512 | 0.") == 2  # MsT off and on: the longest length tried fits
+
+
+@needs_libtpu
+def test_isolated_compile_reraises_the_childs_error():
+  """fit.step_memory_isolated compiles in a spawned child; an error there (here a mesh that does
+  not match the target's 4 devices) comes back as the same one-line ValueError."""
+  from conftest import tiny_config
+  from lcjax import fit
+  with pytest.raises(ValueError, match=r"multiply to 8 but there are 4 devices"):
+    fit.step_memory_isolated(tiny_config(), 64, "tpu:v5e:2x2")
