@@ -32,8 +32,9 @@ def resolve(kind: str, mesh) -> str:
 
 
 def make(kind, update_fn, host_shardings, device_shardings, scalar_host):
-  """A lane for one subgroup; update_fn(step, p, g, mu, nu) -> (p, mu, nu, compute copy)."""
-  if resolve(kind) == "jit":
+  """A lane for one subgroup of the `resolve`d kind; update_fn(step, p, g, mu, nu) -> (p, mu, nu,
+  compute copy)."""
+  if kind == "jit":
     return JitLane(update_fn, host_shardings, device_shardings, scalar_host)
   return CpuBackendLane(update_fn, host_shardings, device_shardings)
 
