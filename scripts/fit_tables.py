@@ -39,16 +39,15 @@ COMBOS = {
 
 
 def overrides(name, chips, model_config):
-  from lcjax import fit
+  """The --config overrides of combination `name` on `chips` chips (a planner candidate's)."""
+  from lcjax import plan
   spread, mst, remat, offload = COMBOS[name]
-  chunks = fit.mst_chunks(model_config) if mst else {"mlp_chunks": 1, "loss_chunks": 1}
   ulysses = math.gcd(chips, model_config.num_kv_heads) if spread else 1
-  return {"mesh.data": 1, "mesh.replica": 1, "mesh.tensor": 1,
-          "mesh.fsdp": 1 if spread else chips, "mesh.ulysses": ulysses,
-          "mesh.ring": chips // ulysses if spread else 1,
-          "train.batch_size": 1 if spread else chips, "model.remat": remat,
-          "optim.offload": bool(offload), "optim.update_on": offload or "auto",
-          **{f"model.{k}": v for k, v in chunks.items()}}
+  candidate = plan.Candidate(ring=chips // ulysses if spread else 1, ulysses=ulysses,
+                             fsdp=1 if spread else chips, mst=mst, remat=remat,
+                             offload=bool(offload))
+  return {**candidate.overrides(model_config), "optim.update_on": offload or "auto",
+          "train.batch_size": 1 if spread else chips}
 
 
 def main(argv):
