@@ -9,9 +9,12 @@ combination of
   optimizer offload     off | on (fp32 master params and moments in host memory).
 Each candidate's step time is predicted by a cost model (`predict`), and its memory is what the
 target's compiler says (`fit.step_memory`: its peak, or RESOURCE_EXHAUSTED). Compiles are the
-cost, so per sequence-parallel split the most frugal candidate is compiled first (if it does not
-fit, nothing of that split does), then the others fastest-predicted first until one fits: that
-one is the split's best, and the fastest of the splits' best is the plan.
+cost, so candidates are compiled fastest-predicted first, and the first that fits is the plan:
+every slower one is left uncompiled. A candidate that needs at least the memory of one that did
+not fit is skipped too (`needs_at_least`: the same split, with no technique the failed one lacks,
+and a remat policy that keeps as much), so the hopeless fast candidates cost one compile per
+split, not one each. On a TPU target a candidate that does not fit fails in seconds
+(RESOURCE_EXHAUSTED before scheduling); a candidate that fits takes minutes.
 
 The cost model, per device and step (an estimate to rank candidates, not a measurement):
   compute   model FLOPs (DESIGN.md convention) / chips plus what the candidate recomputes:
@@ -151,69 +154,67 @@ def _sp_splits(chips):
           for r, u in cost_model.splits(sp)]
 
 
-def _frugality(c: Candidate):
-  """Sort key: least device memory first (MsT on, optimizer offloaded, then the remat order)."""
-  return (not c.mst, not c.offload, REMAT_BY_MEMORY.index(c.remat))
+def needs_at_least(c: Candidate, other: Candidate) -> bool:
+  """Whether `c` needs at least the device memory of `other`: the same split, MsT and optimizer
+  offload only where `other` has them, and a remat policy that keeps at least as much."""
+  return ((c.ring, c.ulysses, c.fsdp) == (other.ring, other.ulysses, other.fsdp)
+          and (other.mst or not c.mst) and (other.offload or not c.offload)
+          and REMAT_BY_MEMORY.index(c.remat) >= REMAT_BY_MEMORY.index(other.remat))
 
 
 def search(config, target, seq_len: int, *, batch_size: int | None = None, margin: float = 0.05,
            budget_bytes: int | None = None, isolated: bool = False, on_row=None,
            **candidate_kwargs) -> list[Row]:
-  """Rows of every candidate, compiled ones with their memory, fastest fitting first. A step
-  fits in `budget_bytes` per device (default: the target's memory less `margin`). `isolated`
-  compiles each candidate in a child process (`fit.step_memory_isolated`), so a compiler
-  crash is one row's note, not the end of the search."""
+  """Rows of every candidate, the plan (the fastest predicted that fits) first, then the
+  compiled ones, then those skipped (each row's note says why). A step fits in `budget_bytes`
+  per device (default: the target's memory less `margin`). `isolated` compiles each candidate
+  in a child process (`fit.step_memory_isolated`), so a compiler crash is one row's note, not
+  the end of the search."""
   batch_size = batch_size or config.train.batch_size
   base = fit.with_overrides(config, {"train.batch_size": batch_size, "train.seq_len": seq_len})
   model_cfg = model_config(base)
   params = model_cfg.param_count()
   budget = budget_bytes or target.hbm_bytes_per_device * (1 - margin)
   devices = None if isolated else target.devices()
-  rows = []
+  rows, failed, plan_row = [], [], None
 
-  def row(c, memory=None, note=""):
-    r = Row(c, predict(c, model_cfg, target, batch_size, seq_len, params), memory,
-            memory is not None and memory.fits(budget), note)
+  def row(c, prediction, memory=None, note=""):
+    r = Row(c, prediction, memory, memory is not None and memory.fits(budget), note)
     rows.append(r)
     if on_row:
       on_row(r)
     return r
 
-  def compile_row(c):
+  def compile_row(c, prediction):
     config = fit.with_overrides(base, c.overrides(model_cfg))
     try:
       if isolated:
         memory, crash = fit.step_memory_isolated(config, seq_len, target.name)
         if memory is None:
-          return row(c, note=crash)
+          return row(c, prediction, note=crash)
       else:
         memory = fit.step_memory(config, seq_len, devices)
     except ValueError as e:  # a combination the config refuses
-      return row(c, note=f"refused: {e}")
-    return row(c, memory)
+      return row(c, prediction, note=f"refused: {e}")
+    return row(c, prediction, memory)
 
-  by_split = itertools.groupby(
-      sorted(candidates(target.chips, model_cfg, batch_size, **candidate_kwargs),
-             key=lambda c: (c.ring, c.ulysses)), key=lambda c: (c.ring, c.ulysses))
-  for _, group in by_split:
-    group = list(group)
-    frugal = min(group, key=_frugality)
-    first = compile_row(frugal)
-    if not first.fits:
-      for c in group:
-        if c != frugal:
-          row(c, note="not compiled: the split's most frugal candidate does not fit")
+  predicted = sorted(((predict(c, model_cfg, target, batch_size, seq_len, params), c)
+                      for c in candidates(target.chips, model_cfg, batch_size,
+                                          **candidate_kwargs)),
+                     key=lambda pc: pc[0].step_s)
+  for prediction, c in predicted:
+    if plan_row is not None:
+      row(c, prediction, note="not compiled: predicted slower than the plan")
       continue
-    ordered = sorted(group, key=lambda c: predict(c, model_cfg, target, batch_size, seq_len,
-                                                  params).step_s)
-    found = False
-    for c in ordered:
-      if c == frugal:
-        found = True
-      elif found:
-        row(c, note="not compiled: predicted slower than a candidate that fits")
-      elif compile_row(c).fits:
-        found = True
+    beyond = next((f for f in failed if needs_at_least(c, f)), None)
+    if beyond is not None:
+      row(c, prediction, note=f"not compiled: needs at least the memory of ({beyond.describe()})")
+      continue
+    r = compile_row(c, prediction)
+    if r.fits:
+      plan_row = r
+    elif r.memory is not None:  # did not fit (a crash or a refusal says nothing about memory)
+      failed.append(c)
   return sorted(rows, key=lambda r: (not r.fits, r.memory is None, r.prediction.step_s))
 
 

@@ -41,6 +41,17 @@ def test_candidates_respect_the_heads_and_the_batch():
   assert len({c.remat for c in cands}) == 4 and {c.mst for c in cands} == {False, True}
 
 
+def test_memory_dominance_is_a_partial_order_over_one_split():
+  c = lambda **kw: plan.Candidate(**{"ring": 2, "ulysses": 2, "fsdp": 2, "mst": True,
+                                     "remat": "full", "offload": True, **kw})
+  frugal = c(remat="offload")
+  assert plan.needs_at_least(c(), frugal) and not plan.needs_at_least(frugal, c())
+  assert plan.needs_at_least(c(mst=False, offload=False, remat="none"), c())
+  assert not plan.needs_at_least(c(mst=False, remat="offload"), c())  # offload remat keeps less
+  assert not plan.needs_at_least(c(ring=4, fsdp=1), c())  # another split: no conclusion
+  assert plan.needs_at_least(c(), c())
+
+
 def _wide_config():
   from conftest import wide_config
   return wide_config(256)
@@ -49,8 +60,8 @@ def _wide_config():
 @needs_libtpu
 def test_search_finds_a_fitting_plan_where_the_plain_step_does_not():
   """tpu:v5e:2x2 at 512 tokens with a 40 MiB budget: the plain step (no MsT, no remat; about
-  71 MiB) does not fit; the planner compiles the frugal candidate (about 25 MiB), then the
-  fastest-predicted ones until one fits, and returns it first; slower ones are not compiled."""
+  71 MiB), the fastest predicted, does not fit; the planner compiles the next fastest until one
+  fits and returns it first; slower ones are not compiled."""
   budget = 40 * 2**20
   rows = plan.search(_wide_config(), targets.parse("tpu:v5e:2x2"), 512, budget_bytes=budget,
                      remats=("full", "none"), offloads=(False,), splits=[(1, 1)])
@@ -62,6 +73,8 @@ def test_search_finds_a_fitting_plan_where_the_plain_step_does_not():
   assert all(r.prediction.step_s >= best.prediction.step_s for r in rows if r.fits)
   assert 2 <= len(compiled) < len(rows)
   assert all(r.note.startswith("not compiled") for r in rows if r.memory is None)
+  assert all(not plan.needs_at_least(r.candidate, plain.candidate) for r in compiled
+             if r is not plain)  # nothing that needs the plain step's memory was compiled
   flags = plan.flags(best, plan.model_config(_wide_config()), 512, 4)
   assert f"--config.model.remat={best.candidate.remat}" in flags
 
