@@ -17,10 +17,11 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-# What the data position means: changing any of these under an old position reads other tokens.
+# What the data position means: changing any of these (or any other data.* key) under an old
+# position reads other tokens.
 DATA_STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.eval_fraction",
                     "data.text_field", "data.tokenizer", "data.tokenizer_path",
-                    "data.max_documents", "train.seed", "train.seq_len")
+                    "data.max_documents", "train.seed", "train.seq_len", "train.batch_size")
 # The config sections that shape the saved state (named when the saved tree differs).
 _STATE_SECTIONS = ("model", "optim", "outer", "mesh.replica")
 
@@ -140,12 +141,16 @@ class Checkpointer:
                                                            sort_keys=True))
       return
     saved = self._saved_config()
-    for key in DATA_STREAM_KEYS:
+    data_keys = sorted(k for k in set(_flat(saved)) | set(_flat(self.config_dict))
+                       if k.startswith("data."))
+    for key in dict.fromkeys(DATA_STREAM_KEYS + tuple(data_keys)):
       if _lookup(saved, key) != _lookup(self.config_dict, key):
         raise ValueError(
             f"--workdir={self.workdir} holds a run with {key}={_lookup(saved, key)!r}, but this "
             f"config has {_lookup(self.config_dict, key)!r}: its data position would read other "
-            "tokens; restore the old value to resume, or use a new --workdir")
+            "tokens; restore the old value to resume, or use a new --workdir (to start a new "
+            f"run from this one's checkpoint, its other-run start: --config.outer.init_from="
+            f"{self.workdir})")
 
   def check_state(self, step, abstract_state):
     """ValueError in one line unless checkpoint `step` holds a state of `abstract_state`'s tree,
@@ -190,9 +195,13 @@ class Checkpointer:
     finally:
       reader.close()
 
-  def save(self, step, state, data_position: dict, *, force=False):
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
+  def save(self, step, state, data_position: dict, *, force=False, wait=False):
+    """wait: return only once the checkpoint is committed (a preemption save)."""
+    saved = self.manager.save(step, force=force, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
+    if wait:
+      self.manager.wait_until_finished()
+    return saved
 
   def close(self):
     self.manager.wait_until_finished()

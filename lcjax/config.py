@@ -3,6 +3,8 @@
 Each field is commented here; experiments override values, never add keys. `validate` fails
 at start, naming the offending key and value and the fix.
 """
+import math
+
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
@@ -29,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 0.0        # per-device peak FLOP/s for MFU; 0 = measure a matmul at start
   c.train.sample_prompt = "def "  # prompt of the text sample written at the end ("" = no sample)
   c.train.sample_tokens = 200     # tokens generated for that sample
+  c.train.nan_policy = "stop"     # a non-finite loss or gradient norm: stop (naming the step and
+                                  # the last finite checkpoint) | skip (drop that update, go on,
+                                  # counted in train/skipped_steps)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200        # save every N steps (and always at the end)
@@ -95,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.device_update_gbps = 0.0  # offload model: state GB/s of the device AdamW; 0 = measure
 
   c.outer = ml_collections.ConfigDict()  # the outer loop over the mesh.replica islands
-  c.outer.kind = "none"           # none | diloco (H inner steps per island, then one sync)
+  c.outer.kind = "none"           # none | diloco (H inner steps per island, then one sync) |
+                                  # dipaco (DiLoCo over paths of shared modules; outer/dipaco.py)
   c.outer.inner_steps = 50        # H: inner steps between syncs
   c.outer.optimizer = "sgd"       # outer optimizer on the averaged pseudo-gradient: sgd | adam
   c.outer.lr = 0.7                # outer learning rate (DiLoCo: 0.7)
@@ -106,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.init_from = ""          # workdir of a plain run (same model and data): its latest checkpoint
                                   # starts every island and theta, and the run goes on from its step
   c.outer.init_step = 0           # the checkpoint step of init_from to start from; 0 = its latest
+  c.outer.modules = "1"           # dipaco: modules per level, "K1xK2x..." (one factor per
+                                  # model.num_levels); their product is the number of paths P
+  c.outer.private = ""            # dipaco: parts each path keeps to itself: embed, head, level<i>
+  c.outer.routing = "uniform"     # dipaco: how documents are routed to paths (outer/routing.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
@@ -159,11 +169,14 @@ def _require(ok, message):
 
 def _check_outer(full):
   u = full.outer
-  _require(u.kind in ("none", "diloco"), f"outer.kind must be none or diloco; got {u.kind!r}")
+  _require(u.kind in ("none", "diloco", "dipaco"),
+           f"outer.kind must be none, diloco or dipaco; got {u.kind!r}")
   if u.kind == "none":
     _require(not u.init_from, "outer.init_from starts DiLoCo islands from a plain run; it needs "
-             "outer.kind='diloco'")
+             "outer.kind='diloco' or 'dipaco'")
     return
+  if u.kind == "dipaco":
+    _check_dipaco(full)
   _require(u.inner_steps > 0, f"outer.inner_steps must be > 0; got {u.inner_steps}")
   _require(u.optimizer in ("sgd", "adam"), f"outer.optimizer must be sgd or adam; got {u.optimizer!r}")
   _require(u.lr > 0, f"outer.lr must be > 0; got {u.lr}")
@@ -175,6 +188,20 @@ def _check_outer(full):
            f"optim.update_on={full.optim.update_on!r} puts subgroups on host lanes, which run "
            "outside the step; inside outer.kind='diloco' islands every subgroup streams through "
            "the device: set optim.update_on='device' (or 'auto')")
+
+
+def _check_dipaco(full):
+  from lcjax.outer import paths
+  u = full.outer
+  grid = paths.grid_of(full)
+  _require(full.mesh.replica % grid.num_paths == 0,
+           f"outer.modules={u.modules!r} gives {grid.num_paths} paths; mesh.replica "
+           f"({full.mesh.replica}) must be a multiple of it: each path trains on mesh.replica / "
+           "P islands")
+  _require(full.train.batch_size % full.mesh.replica == 0,
+           f"train.batch_size ({full.train.batch_size}) must be a multiple of mesh.replica "
+           f"({full.mesh.replica}): every island reads its share of its path's batch")
+  _require(u.routing in ("uniform",), f"outer.routing must be 'uniform'; got {u.routing!r}")
 
 
 def _check_cudnn(full):
@@ -201,17 +228,65 @@ def _check_cudnn(full):
            f"model.head_dim <= 248 (its backward adds 8 head-dim columns); got {m.head_dim}")
 
 
+def _check_types(config, reference, prefix=""):
+  """Each value has its default's type (an int may stand for a float) and is a finite number."""
+  for key in config.keys():
+    name, value, default = f"{prefix}{key}", config[key], reference[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_types(value, default, name + ".")
+      continue
+    if default is None:
+      continue
+    kind = type(default)
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+          or kind is float and isinstance(value, int) and not isinstance(value, bool))
+    _require(ok, f"config key '{name}' must be {kind.__name__} (like its default {default!r}); "
+             f"got {value!r}")
+    _require(not isinstance(value, float) or math.isfinite(value),
+             f"config key '{name}' must be a finite number; got {value}")
+
+
+def _check_train(t, o):
+  for key in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "sample_tokens"):
+    _require(t[key] > 0, f"train.{key} must be > 0; got {t[key]}")
+  for key in ("warmup_steps", "eval_batches", "seed", "peak_flops"):
+    _require(t[key] >= 0, f"train.{key} must be >= 0; got {t[key]}")
+  _require(t.lr > 0, f"train.lr must be > 0; got {t.lr}")
+  _require(0 <= t.end_lr_fraction <= 1,
+           f"train.end_lr_fraction must be in [0, 1]; got {t.end_lr_fraction}")
+  _require(t.nan_policy in ("stop", "skip"),
+           f"train.nan_policy must be stop or skip; got {t.nan_policy!r}")
+  _require(t.nan_policy == "stop" or not o.offload, "train.nan_policy='skip' drops an update "
+           "inside the step, but optim.offload=True updates host-resident state outside it; "
+           "use train.nan_policy='stop' or optim.offload=False")
+
+
+def _check_numbers(m, o):
+  """Model and optimizer numbers outside their ranges (NaN-free, well-defined maths)."""
+  _require(m.head_dim % 2 == 0, f"model.head_dim must be even (RoPE rotates pairs of "
+           f"dimensions); got {m.head_dim}")
+  _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer); got "
+           f"{m.vocab_size}")
+  for key in ("rope_theta", "norm_eps", "rope_low_freq_factor", "rope_high_freq_factor",
+              "rope_original_len"):
+    _require(m[key] > 0, f"model.{key} must be > 0; got {m[key]}")
+  _require(m.rope_scaling >= 0, f"model.rope_scaling must be >= 0 (0 = off); got {m.rope_scaling}")
+  for key in ("b1", "b2", "momentum"):
+    _require(0 <= o[key] < 1, f"optim.{key} must be in [0, 1); got {o[key]}")
+  _require(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")
+  _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {o.weight_decay}")
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """Checks keys and values; returns a locked copy with defaults for missing keys filled in."""
   base = base_config()
   _check_keys(config, base)
+  _check_types(config, base)
   full = base
   full.update(config)  # missing keys keep their defaults
   t, m, o, d = full.train, full.model, full.optim, full.data
-  for key in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "sample_tokens"):
-    _require(t[key] > 0, f"train.{key} must be > 0; got {t[key]}")
-  _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {t.warmup_steps}")
-  _require(t.lr > 0, f"train.lr must be > 0; got {t.lr}")
+  _check_train(t, o)
+  _check_numbers(m, o)
   _require(full.checkpoint.every > 0 and full.checkpoint.keep > 0,
            f"checkpoint.every and checkpoint.keep must be > 0; got {full.checkpoint.every}, "
            f"{full.checkpoint.keep}")
@@ -256,10 +331,15 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(d.tokenizer == "bytes" or d.tokenizer_path,
            f"data.tokenizer={d.tokenizer!r} needs data.tokenizer_path (a local file)")
   _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1); got {d.eval_fraction}")
+  _require(d.max_documents >= 0, f"data.max_documents must be >= 0 (0 = all); got "
+           f"{d.max_documents}")
   for axis in MESH_AXES:
     _require(full.mesh[axis] >= 1 or (axis == "data" and full.mesh[axis] == -1),
              f"mesh.{axis} must be >= 1 (mesh.data may be -1: fill); got {full.mesh[axis]}")
   _check_outer(full)
+  _require(full.outer.kind != "none" or not full.outer.drop_replicas,
+           "outer.drop_replicas leaves islands out of outer syncs, which need "
+           "outer.kind='diloco'; remove it or set outer.kind")
   if full.mesh.ring * full.mesh.ulysses > 1:
     from lcjax import ops  # imported here: config stays importable without JAX set up
     ops.check_sequence_parallel(m.num_heads, m.num_kv_heads, t.seq_len,

@@ -1,33 +1,43 @@
 """CLI: python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=DIR [--config.a.b=v]
-[--dry_run [--target=tpu:v5p:2x2x2 | gpu:h100:8 | ...]]"""
+[--dry_run [--target=tpu:v5p:2x2x2 | gpu:h100:8 | ...]]
+
+Exit status: 0 done, 1 bad input (one `lcjax: error:` line), 3 stopped on a non-finite loss,
+75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume).
+"""
 import json
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumed if present")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "compile the step, report its size and memory, exit")
-_TARGET = flags.DEFINE_string("target", None, "with --dry_run: compile for this accelerator's "
-                              "compile-only devices (lcjax.targets: tpu:v5p:2x2x2, tpu:v6e:4x4, "
-                              "gpu:h100:8, gpu:h200:2x8, ...) and judge fit by its memory")
-flags.mark_flags_as_required(["config", "workdir"])
+from lcjax import cli
 
 
-def main(argv):
+def _flags() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  flags.DEFINE_string("config", None, "experiment config file (FILE.py or FILE.py:ARG); "
+                      "--config.section.key=VALUE overrides one key", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumed if present",
+                      flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "compile the step, report its size and memory, exit",
+                    flag_values=fv)
+  flags.DEFINE_string("target", None, "with --dry_run: compile for this accelerator's "
+                      "compile-only devices (lcjax.targets: tpu:v5p:2x2x2, tpu:v6e:4x4, "
+                      "gpu:h100:8, gpu:h200:2x8, ...) and judge fit by its memory", flag_values=fv)
+  return fv
+
+
+def _main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _TARGET.value:  # compile-only devices: no accelerator of this host is wanted
+  argv, overrides = cli.split_overrides(argv)
+  fv = _flags()
+  cli.parse_flags(fv, argv, required=("config", "workdir"), doc=__doc__)
+  from lcjax import config as config_lib
+  config = cli.apply_overrides(cli.load_config(fv.config), overrides, config_lib.base_config())
+  if fv.target:  # compile-only devices: no accelerator of this host is wanted
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from lcjax import train  # after absl parsed flags, so JAX sees the environment as set
-  try:
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value,
-                                      target=_TARGET.value)
-  except (ValueError, ImportError) as e:
-    raise SystemExit(f"lcjax: error: {e}")
+  from lcjax import train  # after the flags, so JAX sees the environment as set
+  result = train.train_and_evaluate(config, fv.workdir, dry_run=fv.dry_run, target=fv.target)
   print(json.dumps(result, indent=1, sort_keys=True))
   if "eval/loss" in result:
     loss, unigram = result["eval/loss"], result["data/unigram_entropy"]
@@ -35,5 +45,10 @@ def main(argv):
           f"corpus: {100 * (1 - loss / unigram):.0f}% below")
 
 
+def main(argv=None) -> int:
+  """The exit status of the command line `argv` (program name first; default sys.argv)."""
+  return cli.run(_main, sys.argv if argv is None else argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

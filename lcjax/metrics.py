@@ -13,31 +13,108 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lcjax.ops import manual
 
 
-class MetricsWriter:
-  """Appends one JSON object per record to DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+# The keys mirrored to TensorBoard: the time series (start records stay in the JSONL only).
+_TENSORBOARD_PREFIXES = ("train/", "eval/", "outer/")
 
-  def __init__(self, workdir, resume_step: int | None):
+
+def read_records(path) -> list[dict]:
+  """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped with a
+  warning; any other line that does not parse is a ValueError naming the file and line."""
+  text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
+  lines = text.split("\n")
+  if lines[-1]:  # no newline after the last line: its write never finished
+    print(f"[lcjax] warning: dropped the torn last line of {path} ({len(lines[-1])} bytes, no "
+          "newline): a run stopped while writing it", flush=True)
+  records = []
+  for number, line in enumerate(lines[:-1], 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)  # older files may hold bare NaN: Python's json reads it
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{number} is not a JSON record ({e.msg}); remove that line or "
+                       "use a new --workdir") from None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+      raise ValueError(f"{path}:{number} is not a metrics record (an object with an integer "
+                       "\"step\"); remove that line or use a new --workdir")
+    records.append(record)
+  return records
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to DIR/metrics.jsonl and mirrors the time series to
+  TensorBoard.
+
+  keep_through: the run resumes after that step (from its checkpoint, or from scratch: -1):
+  records past it are about to be logged again, so they are dropped from the JSONL, and the
+  TensorBoard events are rebuilt from the records kept (no point twice). None (a dry run)
+  keeps everything. Each record is one whole line, flushed; values are strict JSON (NaN and
+  infinities as null)."""
+
+  def __init__(self, workdir, keep_through: int | None):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
-    if resume_step is not None and self.path.exists():
-      # Records logged after the checkpoint we resume from are about to be logged again.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+    self._tb_dir = pathlib.Path(workdir) / "tensorboard"
+    self._tb = None
+    records = read_records(self.path) if self.path.exists() else []
+    kept = records if keep_through is None else [r for r in records if r["step"] <= keep_through]
+    if self.path.exists() and (kept != records or _torn(self.path)):
+      self.path.write_text("".join(_line(r) for r in kept))
+    if keep_through is not None:
+      for event_file in self._tb_dir.glob("events.out.tfevents.*"):
+        event_file.unlink()
+      for record in kept:
+        self._mirror(record)
+    self.records = kept
     self._file = open(self.path, "a")
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def last(self, key, default=None):
+    """The latest value of `key` among the records kept (and written since)."""
+    return next((r[key] for r in reversed(self.records) if r.get(key) is not None), default)
 
   def write(self, step: int, record: dict):
     record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
-    self._file.write(json.dumps(record) + "\n")
+    self._file.write(_line(record))
     self._file.flush()
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
-        self._tb.add_scalar(key, value, step)
+    self.records.append(record)
+    self._mirror(record)
+
+  def _mirror(self, record):
+    scalars = [(k, v) for k, v in record.items() if k.startswith(_TENSORBOARD_PREFIXES)
+               and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not scalars:
+      return
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(self._tb_dir))
+    for key, value in scalars:
+      self._tb.add_scalar(key, value, record["step"])
 
   def close(self):
     self._file.close()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _torn(path) -> bool:
+  with open(path, "rb") as f:
+    if f.seek(0, 2) == 0:
+      return False
+    f.seek(-1, 2)
+    return f.read(1) != b"\n"
+
+
+def _line(record: dict) -> str:
+  return json.dumps(_strict(record), allow_nan=False) + "\n"
+
+
+def _strict(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  return value
 
 
 def _plain(value):

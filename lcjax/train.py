@@ -4,6 +4,10 @@ Per step: the global batch for that step (a pure function of seed and step), one
 donated train step, metrics read one log interval late so the device is never idle waiting for
 the host. Every eval_every steps and at the end: held-out loss. Every checkpoint.every steps and
 at the end: a checkpoint; rerunning with the same workdir resumes from the latest.
+
+Reliability (docs/reliability.md): the workdir is locked before it is read; the metrics read at
+each log, eval and checkpoint boundary are checked to be finite (guard.py, train.nan_policy) and
+every saved state is finite; SIGTERM/SIGINT save at the next step boundary (workdir.py).
 """
 import dataclasses
 import math
@@ -17,6 +21,7 @@ import tqdm
 from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import data as data_lib
+from lcjax import guard
 from lcjax import mesh as mesh_lib
 from lcjax import metrics as metrics_lib
 from lcjax import ops
@@ -24,6 +29,8 @@ from lcjax import parts as parts_lib
 from lcjax import program as program_lib
 from lcjax import sample as sample_lib
 from lcjax import targets as targets_lib
+from lcjax import workdir as workdir_lib
+from lcjax.outer import routing
 from lcjax.data.tokenizers import make_tokenizer
 from lcjax.model import ModelConfig
 
@@ -56,6 +63,14 @@ class Prepared:
     return iter((self.config, self.mesh, self.datasets, self.model_cfg))
 
 
+def _datasets(config):
+  """The train and held-out streams (DiPaCo: one shard per path), in the sequence layout."""
+  t, layout = config.train, _sequence_layout(config)
+  if config.outer.kind == "dipaco":
+    return routing.build(config, t.seq_len, t.seed, layout)
+  return data_lib.build(config.data, t.seq_len, t.seed, layout=layout)
+
+
 def prepare(config, *, with_data: bool = True, devices=None, mesh_config=None) -> Prepared:
   """The validated config, the mesh (over `devices`, from `mesh_config` if given, else the
   config's), the model config and, with_data, the datasets in the sequence layout."""
@@ -63,8 +78,7 @@ def prepare(config, *, with_data: bool = True, devices=None, mesh_config=None) -
   mesh = mesh_lib.make_mesh(mesh_config or config.mesh, devices)
   _check_batch(config, mesh)
   if with_data:
-    datasets = data_lib.build(config.data, config.train.seq_len, config.train.seed,
-                              layout=_sequence_layout(config))
+    datasets = _datasets(config)
     tokenizer = datasets.tokenizer
   else:
     datasets, tokenizer = None, make_tokenizer(config.data)
@@ -72,15 +86,31 @@ def prepare(config, *, with_data: bool = True, devices=None, mesh_config=None) -
                   datasets)
 
 
-def evaluate(program, params, datasets, config) -> dict:
-  """Exact held-out mean loss over the evaluated tokens (not a mean of batch means)."""
+def _eval_sums(program, params, batches) -> tuple[float, float]:
+  """(cross-entropy sum, token count) over held-out batches."""
   sums = jax.device_get([  # all batches dispatched first, then one host sync
       program.eval(params, parts_lib.device_batch(batch, program.batch_sharding))
-      for batch in datasets.eval_batches(config.train.batch_size, config.train.eval_batches)])
-  loss_sum = sum(float(s) for s, _ in sums)
-  count = sum(float(c) for _, c in sums)
+      for batch in batches])
+  return sum(float(s) for s, _ in sums), sum(float(c) for _, c in sums)
+
+
+def evaluate(program, state, datasets, config) -> dict:
+  """Exact held-out mean loss over the evaluated tokens (not a mean of batch means). With
+  DiPaCo's paths every held-out document is evaluated with the path it is routed to:
+  eval/loss is that routed mixture's, eval/loss/path<p> each path's on its documents."""
+  t, record = config.train, {}
+  if program.num_paths == 1:
+    loss_sum, count = _eval_sums(program, program.model_params(state),
+                                 datasets.eval_batches(t.batch_size, t.eval_batches))
+  else:
+    loss_sum = count = 0.0
+    for p in range(program.num_paths):
+      s, c = _eval_sums(program, program.path_params(state, p),
+                        datasets.eval_batches(t.batch_size, t.eval_batches, path=p))
+      record[f"eval/loss/path{p}"] = s / max(c, 1.0)
+      loss_sum, count = loss_sum + s, count + c
   loss = loss_sum / max(count, 1.0)
-  record = {"eval/loss": loss, "eval/tokens": count}
+  record.update({"eval/loss": loss, "eval/tokens": count})
   if datasets.tokenizer.is_bytes:
     record["eval/bits_per_byte"] = loss / math.log(2)  # byte tokens: one target = one byte (or EOS)
   return record
@@ -123,6 +153,15 @@ def state_source(config, checkpointer):
   return program_lib.Scratch()
 
 
+def build_program(prepared, *, aot: bool = False):
+  """The program of a prepared run, its step guarded as train.nan_policy says."""
+  program = program_lib.build(prepared, aot=aot)
+  if prepared.config.train.nan_policy == "skip":
+    program = program_lib.Program(guard.SkipNonFinite(program.stage), program.parts, program.tx,
+                                  program.mesh)
+  return program
+
+
 def train_and_evaluate(config, workdir, *, dry_run: bool = False, target=None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
 
@@ -136,11 +175,30 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False, target=None) -
   prepared = prepare(config, devices=target.devices() if target else None)
   config, mesh, datasets, model_cfg = prepared
   workdir = pathlib.Path(workdir)
+  lock = workdir_lib.Lock(workdir)  # before anything in the workdir is read or written
+  try:
+    result = _run(prepared, workdir, dry_run, target)
+    if dry_run:
+      return result
+    if config.train.sample_prompt:
+      text = sample_lib.generate(model_cfg, mesh, result.pop("params"), datasets.tokenizer,
+                                 config.train.sample_prompt, config.train.sample_tokens,
+                                 context=config.train.seq_len, seed=config.train.seed)
+      (workdir / "sample.txt").write_text(text)
+  finally:
+    lock.release()
+  result.pop("params", None)
+  result["data/unigram_entropy"] = datasets.unigram_entropy()
+  return result
+
+
+def _run(prepared, workdir, dry_run, target) -> dict:
+  config, mesh, datasets, model_cfg = prepared
   checkpointer = checkpoint_lib.Checkpointer(workdir, config)
   writer = None
   try:
-    with jax.set_mesh(mesh):
-      program = program_lib.build(prepared, aot=dry_run)
+    with jax.set_mesh(mesh), workdir_lib.Preemption() as preemption:
+      program = build_program(prepared, aot=dry_run)
       for line in program.unshardable:
         print(f"[lcjax] not sharded: {line}")
       latest = checkpointer.latest_step()
@@ -156,76 +214,128 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False, target=None) -
         raise ValueError(f"{target.name}: the step does not fit: {metrics_lib.out_of_memory(e)}; "
                          "find one that does with scripts/fit.py or scripts/plan.py "
                          f"--target={target.name}") from None
-      writer = metrics_lib.MetricsWriter(workdir, resume_step=latest)
       peak = (config.train.peak_flops or (target.peak_flops_per_chip if target else
               metrics_lib.measure_peak_flops(mesh, model_cfg.compute_dtype)))
       if dry_run:
         record = _start_record(program, model_cfg, config, compiled, program.live.abstract, peak)
         if target:
           record.update(_target_verdict(target, record))
+        writer = metrics_lib.MetricsWriter(workdir, keep_through=None)
         writer.write(latest or 0, {"dry_run": True, **record})
         return record
       source = state_source(config, checkpointer)
       state, next_sequence = program.init(source)
-      if isinstance(source, program_lib.ThisRun):
+      start = int(state["step"])
+      resumed = isinstance(source, program_lib.ThisRun)
+      if resumed:
         print(f"[lcjax] resumed from step {latest} in {workdir}")
         if latest >= config.train.steps:
           print(f"[lcjax] the run is complete (train.steps={config.train.steps}); raise "
                 "--config.train.steps to train further")
-      writer.write(int(state["step"]), _start_record(program, model_cfg, config, compiled, state,
-                                                     peak))
+      # Only now, with the state restored, are the records past its step dropped.
+      writer = metrics_lib.MetricsWriter(workdir, keep_through=start if resumed else start - 1)
+      writer.write(start, _start_record(program, model_cfg, config, compiled, state, peak))
       with jax.transfer_guard("disallow"):  # a host sync hidden in the step is an error
-        result = _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
-                       writer, model_cfg, peak)
+        return _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
+                     writer, model_cfg, peak, preemption)
   finally:  # also on a crash: finish in-flight checkpoint writes, flush metrics
     if writer is not None:
       writer.close()
     checkpointer.close()
-  if config.train.sample_prompt:
-    text = sample_lib.generate(model_cfg, program.mesh, result.pop("params"), datasets.tokenizer,
-                               config.train.sample_prompt, config.train.sample_tokens,
-                               context=config.train.seq_len, seed=config.train.seed)
-    (workdir / "sample.txt").write_text(text)
-  result.pop("params", None)
-  result["data/unigram_entropy"] = datasets.unigram_entropy()
-  return result
+
+
+class _Reader:
+  """Reads the pending train metrics at a boundary: one record per read, checked finite."""
+
+  def __init__(self, config, program, checkpointer, writer, flops, peak):
+    self.t, self.program, self.checkpointer, self.writer = config.train, program, checkpointer, writer
+    self.flops, self.peak = flops, peak
+    self.skipped = writer.last("train/skipped_steps", 0)
+    self.timer, self.timed_steps = time.perf_counter(), 0
+
+  def read(self, pending) -> dict:
+    """The record of the last pending step, written; NonFinite under nan_policy 'stop'."""
+    skipped, record = 0, {}
+    for logged_step, m in jax.device_get(pending):
+      record = self.program.annotate(logged_step, {k: float(v) for k, v in m.items()})
+      skipped += int(record.pop("train/skipped", 0))
+      bad = guard.first_non_finite(record) if self.t.nan_policy == "stop" else None
+      if bad:
+        self.writer.write(logged_step, record)
+        self.stop(f"{bad} is {record[bad]}", logged_step)
+    self.timed_steps += len(pending)
+    elapsed = (time.perf_counter() - self.timer) / self.timed_steps
+    record.update({"train/step_time_s": elapsed,
+                   "train/tokens_per_s": self.t.batch_size * self.t.seq_len / elapsed,
+                   "train/mfu": self.flops / elapsed / (self.peak * self.program.mesh.devices.size),
+                   **metrics_lib.device_memory()})
+    if self.t.nan_policy == "skip":
+      self.skipped += skipped
+      record.update({"train/skipped": skipped, "train/skipped_steps": self.skipped})
+    self.writer.write(logged_step, record)
+    self.timer, self.timed_steps = time.perf_counter(), 0
+    return record
+
+  def stop(self, what, step):
+    raise guard.NonFinite(guard.stop_line(what, step, self.t.nan_policy,
+                                          self.checkpointer.latest_step(),
+                                          self.checkpointer.workdir / "checkpoints"))
+
+  def save(self, step, state, next_sequence, *, force=False, wait=False):
+    """Saves `state` at `step` once it is known to be finite."""
+    if not bool(jax.device_get(guard.all_finite(guard.device_leaves(state)))):
+      self.stop("the state (parameters or optimizer moments) is not finite", step)
+    self.checkpointer.save(step, state, {"next_sequence": next_sequence}, force=force, wait=wait)
 
 
 def _loop(config, program, runner, state, next_sequence, datasets, checkpointer, writer,
-          model_cfg, peak):
+          model_cfg, peak, preemption):
   t = config.train
   start = int(jax.device_get(state["step"]))
   flops = metrics_lib.train_flops_per_step(model_cfg, t.batch_size, t.seq_len)
+  reader = _Reader(config, program, checkpointer, writer, flops, peak)
   pending, last = [], {}
-  timer, timed_steps = time.perf_counter(), 0
   bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", unit="step", mininterval=2)
   for step in range(start, t.steps):
+    if preemption.requested(step):
+      _stop_preempted(preemption, reader, pending, step, start, program.saved_view(state),
+                      next_sequence)
     batch = datasets.train_batch(next_sequence, t.batch_size)
     next_sequence += t.batch_size
     state, metrics = runner(state, parts_lib.device_batch(batch, program.batch_sharding))
     pending.append((step + 1, metrics))
     done = step + 1
-    if done % t.log_every == 0 or done == t.steps:
-      for logged_step, m in jax.device_get(pending):
-        last = program.annotate(logged_step, {k: float(v) for k, v in m.items()})
-      timed_steps += len(pending)
-      elapsed = (time.perf_counter() - timer) / timed_steps
-      last.update({"train/step_time_s": elapsed,
-                   "train/tokens_per_s": t.batch_size * t.seq_len / elapsed,
-                   "train/mfu": flops / elapsed / (peak * program.mesh.devices.size),
-                   **metrics_lib.device_memory()})
-      writer.write(logged_step, last)
+    log = done % t.log_every == 0 or done == t.steps
+    evaluate_now = done % t.eval_every == 0 or done == t.steps
+    save = done % config.checkpoint.every == 0 or done == t.steps
+    if log or evaluate_now or save:  # the host reads the metrics anyway: check them here
+      last.update(reader.read(pending))
       bar.set_postfix(loss=f"{last['train/loss']:.3f}")
-      pending, timer, timed_steps = [], time.perf_counter(), 0
-    if done % t.eval_every == 0 or done == t.steps:
-      record = evaluate(program, program.model_params(state), datasets, config)
+      pending = []
+    if evaluate_now:
+      record = evaluate(program, state, datasets, config)
       writer.write(done, record)
+      if guard.first_non_finite(record):
+        reader.stop(f"eval/loss is {record['eval/loss']}", done)
       last.update(record)
-    if done % config.checkpoint.every == 0 or done == t.steps:
-      checkpointer.save(done, program.saved_view(state), {"next_sequence": next_sequence},
-                        force=done == t.steps)
-    if not pending:  # eval and checkpoint time stays out of the next interval's step time
-      timer = time.perf_counter()
+    if save:
+      reader.save(done, program.saved_view(state), next_sequence, force=done == t.steps)
+    if not pending:  # eval and checkpoint time stay out of the next interval's step time
+      reader.timer = time.perf_counter()
     bar.update(1)
   bar.close()
   return {**last, "params": program.model_params(state)}
+
+
+def _stop_preempted(preemption, reader, pending, step, start, saved_state, next_sequence):
+  """Saves the state after `step` steps (forced, waited for) and raises Preempted."""
+  if pending:
+    reader.read(pending)
+  checkpointer = reader.checkpointer
+  if step > start and checkpointer.latest_step() != step:
+    reader.save(step, saved_state, next_sequence, force=True, wait=True)
+  latest = checkpointer.latest_step()
+  saved = (f"checkpoint {latest} is saved in {checkpointer.workdir / 'checkpoints'}"
+           if latest is not None else "no step was trained, nothing to save")
+  raise workdir_lib.Preempted(f"lcjax: {preemption.signal_name} at step {step}: {saved}; run the "
+                              "same command to resume")
