@@ -17,12 +17,12 @@ from lcjax.ops import manual
 _TENSORBOARD_PREFIXES = ("train/", "eval/", "outer/")
 
 
-def read_records(path) -> list[dict]:
-  """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped with a
-  warning; any other line that does not parse is a ValueError naming the file and line."""
+def read_records(path, warn: bool = True) -> list[dict]:
+  """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped (with
+  a warning); any other line that does not parse is a ValueError naming the file and line."""
   text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
   lines = text.split("\n")
-  if lines[-1]:  # no newline after the last line: its write never finished
+  if lines[-1] and warn:  # no newline after the last line: its write never finished
     print(f"[lcjax] warning: dropped the torn last line of {path} ({len(lines[-1])} bytes, no "
           "newline): a run stopped while writing it", flush=True)
   records = []

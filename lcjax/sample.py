@@ -5,15 +5,18 @@ compiled program for the whole sample); the window slides once it is full.
 """
 import dataclasses
 import json
+import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from lcjax import cli
 from lcjax import model as model_lib
 
 
@@ -60,7 +63,11 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
   config_path = pathlib.Path(workdir) / "config.json"
   if not config_path.exists():
     raise ValueError(f"{config_path} not found; --workdir must be a directory that lcjax trained in")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  try:
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path} is corrupt ({e.msg}); it is the run's record of its "
+                     "config, written by lcjax.main") from None
   local_mesh = ml_collections.ConfigDict(
       {"replica": 1, "data": -1, "fsdp": 1, "ring": 1, "ulysses": 1, "tensor": 1})
   config.train.batch_size = jax.device_count()  # the batch plays no part in sampling
@@ -79,21 +86,27 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
     checkpointer.close()
 
 
-def main():
-  workdir = flags.DEFINE_string("workdir", None, "directory of a training run", required=True)
-  prompt = flags.DEFINE_string("prompt", "def ", "text to continue")
-  num_tokens = flags.DEFINE_integer("num_tokens", 200, "tokens to generate")
-  temperature = flags.DEFINE_float("temperature", 0.8, "sampling temperature; 0 = greedy")
+def check_flags(num_tokens: int, temperature: float):
+  if num_tokens < 1:
+    raise ValueError(f"--num_tokens must be >= 1; got {num_tokens}")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {temperature}")
 
-  def run(argv):
-    del argv
-    try:
-      print(sample_from_workdir(workdir.value, prompt.value, num_tokens.value, temperature.value))
-    except ValueError as e:
-      raise SystemExit(f"lcjax.sample: error: {e}")
 
-  app.run(run)
+def _main(argv):
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "directory of a training run", flag_values=fv)
+  flags.DEFINE_string("prompt", "def ", "text to continue", flag_values=fv)
+  flags.DEFINE_integer("num_tokens", 200, "tokens to generate", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.8, "sampling temperature; 0 = greedy", flag_values=fv)
+  cli.parse_flags(fv, argv, required=("workdir",), doc=__doc__)
+  check_flags(fv.num_tokens, fv.temperature)
+  print(sample_from_workdir(fv.workdir, fv.prompt, fv.num_tokens, fv.temperature))
+
+
+def main(argv=None) -> int:
+  return cli.run(_main, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -204,6 +204,8 @@ def _run(prepared, workdir, dry_run, target) -> dict:
       latest = checkpointer.latest_step()
       if latest is not None:  # refuse before compiling or touching the metrics
         checkpointer.check_state(latest, program.saved.abstract)
+      if (workdir / "metrics.jsonl").exists():
+        metrics_lib.read_records(workdir / "metrics.jsonl", warn=False)
       abstract_batch = parts_lib.abstract_batch(config.train.batch_size, config.train.seq_len,
                                                 program.batch_sharding)
       try:

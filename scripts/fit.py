@@ -11,61 +11,83 @@ compiler, judged against the target's memory) or for this machine's devices:
 Without --target, memory analysis is this machine's backend's (CPU: no separate host memory, so
 the `offload` policy is left out, and the sum of buffers stands in for the compiler's peak).
 """
+import math
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
-_TARGET = flags.DEFINE_string("target", None, "compile for this accelerator (tpu:v5p:2x2x2, "
-                              "gpu:h100:8, ...; lcjax.targets); the budget defaults to its memory")
-_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "per-device memory budget in GiB (default: the "
-                                "target's memory per device; 80 without a target)")
-_GRANULARITY = flags.DEFINE_integer("granularity", 1024, "sequence lengths are multiples of this")
-_MAX_LEN = flags.DEFINE_integer("max_len", 1 << 22, "longest sequence to consider")
-_REMAT = flags.DEFINE_list("remat", None, "remat policies to try (default: none, full, dots, and "
-                           "offload where the devices have a separate host memory)")
-flags.mark_flag_as_required("config")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from lcjax import cli  # noqa: E402
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _TARGET.value:  # compile-only devices: no accelerator of this host is wanted
+def _flags() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  flags.DEFINE_string("config", None, "experiment config file; --config.a.b=v overrides a key",
+                      flag_values=fv)
+  flags.DEFINE_string("target", None, "compile for this accelerator (tpu:v5p:2x2x2, gpu:h100:8, "
+                      "...; lcjax.targets); the budget defaults to its memory", flag_values=fv)
+  flags.DEFINE_float("memory_gb", None, "per-device memory budget in GiB (default: the target's "
+                     "memory per device; 80 without a target)", flag_values=fv)
+  flags.DEFINE_integer("granularity", 1024, "sequence lengths are multiples of this",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_len", 1 << 22, "longest sequence to consider", flag_values=fv)
+  flags.DEFINE_list("remat", None, "remat policies to try (default: none, full, dots, and "
+                    "offload where the devices have a separate host memory)", flag_values=fv)
+  return fv
+
+
+def _check(fv):
+  from lcjax import config as config_lib
+  gib = fv.memory_gb
+  if gib is not None and not (math.isfinite(gib) and gib > 0):
+    raise ValueError(f"--memory_gb must be a positive number of GiB; got {gib:g}")
+  for name in ("granularity", "max_len"):
+    if fv[name].value < 1:
+      raise ValueError(f"--{name} must be >= 1; got {fv[name].value}")
+  if fv.max_len < fv.granularity:
+    raise ValueError(f"--max_len ({fv.max_len}) is below --granularity ({fv.granularity}): no "
+                     "length to try")
+  for policy in fv.remat or ():
+    if policy not in config_lib.REMAT_POLICIES:
+      raise ValueError(f"--remat: {policy!r} is not one of {config_lib.REMAT_POLICIES}")
+
+
+def _main(argv):
+  argv, overrides = cli.split_overrides(argv)
+  fv = _flags()
+  cli.parse_flags(fv, argv, required=("config",), doc=__doc__)
+  _check(fv)
+  from lcjax import config as config_lib
+  config = cli.apply_overrides(cli.load_config(fv.config), overrides, config_lib.base_config())
+  config = config_lib.validate(config)
+  if fv.target:  # compile-only devices: no accelerator of this host is wanted
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   from lcjax import fit, targets
   from lcjax.ops import manual
-  try:
-    target = targets.parse(_TARGET.value) if _TARGET.value else None
-    devices = target.devices() if target else jax.devices()
-  except (ValueError, ImportError) as e:
-    raise SystemExit(f"fit.py: error: {e}")
-  gib = _MEMORY_GB.value
+  target = targets.parse(fv.target) if fv.target else None
+  devices = target.devices() if target else jax.devices()
+  gib = fv.memory_gb
   if gib is None:
     gib = target.hbm_bytes_per_device / 2**30 if target else 80.0
-  if not gib > 0:
-    raise SystemExit(f"fit.py: error: --memory_gb must be a positive number of GiB; got {gib:g}")
-  for name, value in (("granularity", _GRANULARITY.value), ("max_len", _MAX_LEN.value)):
-    if value < 1:
-      raise SystemExit(f"fit.py: error: --{name} must be >= 1; got {value}")
   platform = manual.platform_of(devices[0])
-  policies = _REMAT.value or (["none", "full", "dots"] + ([] if platform == "cpu" else ["offload"]))
+  policies = fv.remat or (["none", "full", "dots"] + ([] if platform == "cpu" else ["offload"]))
   print(f"budget {gib:g} GiB per device; {target.name if target else platform}, {len(devices)} "
-        f"devices; MsT chunks {fit.mst_chunks(_CONFIG.value.model)}")
-  try:
-    rows = fit.fit_table(_CONFIG.value, int(gib * 2**30), policies,
-                         granularity=_GRANULARITY.value, max_len=_MAX_LEN.value, devices=devices,
-                         on_probe=lambda m: print(f"  probe T={m.seq_len}: {m.describe()}",
-                                                  flush=True))
-  except ValueError as e:
-    raise SystemExit(f"fit.py: error: {e}")
+        f"devices; MsT chunks {fit.mst_chunks(config.model)}")
+  rows = fit.fit_table(config, int(gib * 2**30), policies, granularity=fv.granularity,
+                       max_len=fv.max_len, devices=devices,
+                       on_probe=lambda m: print(f"  probe T={m.seq_len}: {m.describe()}",
+                                                flush=True))
   print("\n| MsT | remat | longest sequence | memory (GiB) |\n|---|---|---|---|")
   for r in rows:
     print(f"| {'on' if r['mst'] else 'off'} | {r['remat']} | {r['seq_len']} | {r['memory_gb']:.2f} |")
   sys.stdout.flush()
 
 
+def main(argv=None) -> int:
+  return cli.run(_main, sys.argv if argv is None else argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

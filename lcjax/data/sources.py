@@ -39,33 +39,58 @@ def _held_out(key: str, fraction: float) -> bool:
   return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
 
 
-def _read_text(path):
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return f.read()
+def _read_text(path) -> str | None:
+  """The file's text, or None for a binary (a NUL byte) or non-UTF-8 file."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if b"\0" in data:
+    return None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    return None
 
 
 def _jsonl_documents(files, field):
   for _, path in files:
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise ValueError(f"{path}:{line_no} is not UTF-8 text (byte {e.start}); re-encode the "
+                           "file as UTF-8 or remove the line") from None
         if not line.strip():
           continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}); fix or remove the line")
+          raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg}); fix or remove the "
+                           "line") from None
+        if not isinstance(record, dict):
+          raise ValueError(f"{path}:{line_no} is a JSON {type(record).__name__}, not an object "
+                           f"with a {field!r} field; fix or remove the line")
         if field not in record:
           raise ValueError(f"{path}:{line_no} has no field {field!r}; set data.text_field")
+        if not isinstance(record[field], str):
+          raise ValueError(f"{path}:{line_no}: field {field!r} is a JSON "
+                           f"{type(record[field]).__name__}, not a string; fix the line or set "
+                           "data.text_field")
         yield f"{path}:{line_no}", record[field]
 
 
-def _documents(files, data_config):
-  """Yields (key, text); the key decides the train/eval split."""
+def _documents(files, data_config, skipped: list):
+  """Yields (key, text); the key decides the train/eval split. Binary and non-UTF-8 text files
+  are not trained on: their paths go to `skipped`."""
   if data_config.source == "jsonl":
     yield from _jsonl_documents(files, data_config.text_field)
   else:
     for key, path in files:
-      yield key, _read_text(path)
+      text = _read_text(path)
+      if text is None:
+        skipped.append(path)
+      else:
+        yield key, text
 
 
 def load_documents(data_config) -> tuple[list[str], list[str]]:
@@ -75,21 +100,25 @@ def load_documents(data_config) -> tuple[list[str], list[str]]:
   else:
     files = _glob_files(data_config.paths, "data.paths")
   eval_files = _glob_files(data_config.eval_paths, "data.eval_paths") if data_config.eval_paths else []
-  train, held_out = [], []
-  for key, text in _documents(files, data_config):
+  train, held_out, skipped = [], [], []
+  for key, text in _documents(files, data_config, skipped):
     if not text:
       continue
     (held_out if not eval_files and _held_out(key, data_config.eval_fraction) else train).append(text)
-  for _, text in _documents(eval_files, data_config):
+  for _, text in _documents(eval_files, data_config, skipped):
     if text:
       held_out.append(text)
   if data_config.max_documents:
     train, held_out = train[:data_config.max_documents], held_out[:data_config.max_documents]
   where = "the standard library" if data_config.source == "stdlib" else repr(data_config.paths)
+  note = (f" ({len(skipped)} binary or non-UTF-8 files skipped, e.g. {skipped[0]})"
+          if skipped else "")
+  if skipped and train and held_out:
+    print(f"[lcjax] data: skipped {len(skipped)} binary or non-UTF-8 files, e.g. {skipped[0]}")
   if not train:
-    raise ValueError(f"the corpus from {where} has no non-empty training document; "
-                     "point data.paths at files with text")
+    raise ValueError(f"the corpus from {where} has no non-empty training document{note}; "
+                     "point data.paths at files with UTF-8 text")
   if not held_out:
-    raise ValueError(f"the corpus from {where} has no held-out document; raise "
+    raise ValueError(f"the corpus from {where} has no held-out document{note}; raise "
                      "data.eval_fraction or set data.eval_paths")
   return train, held_out

@@ -22,6 +22,10 @@ class ByteTokenizer:
     return data.decode("utf-8", errors="replace")
 
 
+def _first_line(error) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def _require_file(path, kind):
   if not os.path.isfile(path):
     raise ValueError(f"data.tokenizer_path={path!r} is not a file; point it at a local {kind}")
@@ -36,7 +40,11 @@ class HFTokenizer:
   def __init__(self, path: str):
     _require_file(path, "tokenizer.json")
     import tokenizers
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust library raises plain Exceptions
+      raise ValueError(f"data.tokenizer_path={path!r} is not a Hugging Face tokenizer.json "
+                       f"({_first_line(e)}); point it at a tokenizer.json") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = self._special(self._BOS, path)
     self.eos_id = self._special(self._EOS, path)
@@ -64,7 +72,11 @@ class SentencePieceTokenizer:
   def __init__(self, path: str):
     _require_file(path, "SentencePiece .model file")
     import sentencepiece
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+      raise ValueError(f"data.tokenizer_path={path!r} is not a SentencePiece model "
+                       f"({_first_line(e)}); point it at a .model file") from None
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
