@@ -32,7 +32,7 @@ from lcjax import parts as parts_lib
 from lcjax import state_spec
 from lcjax.optim import inner as inner_lib
 from lcjax.optim import offload_step
-from lcjax.outer import diloco
+from lcjax.outer import diloco, dipaco, paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,9 @@ class OtherRun:
   step: int = 0
 
 
-def stage_for(parts, config, tx, mesh, *, aot: bool = False):
-  """The composed stage of `config`: outer(inner(parts))."""
+def stage_for(parts, config, tx, mesh, *, aot: bool = False, shard_tokens=None):
+  """The composed stage of `config`: outer(inner(parts)). `shard_tokens`: DiPaCo's tokens per
+  path shard (None: equal shards)."""
   schedule = optim.schedule(config.train)
   in_outer = config.outer.kind != "none"
   if config.optim.offload:
@@ -66,6 +67,9 @@ def stage_for(parts, config, tx, mesh, *, aot: bool = False):
     inner = inner_lib.Plain(parts, tx, schedule)
   if config.outer.kind == "diloco":
     return diloco.DiLoCo(inner, config.outer, config.mesh.replica, mesh)
+  if config.outer.kind == "dipaco":
+    return dipaco.DiPaCo(inner, config.outer, config.mesh.replica, mesh,
+                         paths.grid_of(config), shard_tokens)
   return inner
 
 
@@ -89,6 +93,17 @@ class Program:
     self.eval = jax.jit(parts.eval_step, in_shardings=(model_params.shardings, self.batch_sharding),
                         out_shardings=replicated)
     self.model_params = jax.jit(stage.model_params, out_shardings=model_params.shardings)
+    self.num_paths = getattr(stage, "P", 1)
+    if self.num_paths > 1:  # DiPaCo: evaluation and sampling take one path at a time
+      self._path_params = jax.jit(lambda state, p: stage.path_params(state["outer"]["params"], p),
+                                  out_shardings=model_params.shardings)
+      # the path numbers on the mesh, made now: the train loop allows no host-to-device copy
+      self._path_ids = [jax.device_put(jax.numpy.int32(p), replicated)
+                        for p in range(self.num_paths)]
+
+  def path_params(self, state, path: int):
+    """DiPaCo: path `path`'s parameters, assembled from the live state's modules."""
+    return self._path_params(state, self._path_ids[path])
 
   def step(self, state, batch):
     """(state, batch) -> (state, metrics); the state is donated."""
@@ -166,4 +181,6 @@ def build(prepared, *, aot: bool = False) -> Program:
   config, mesh = prepared.config, prepared.mesh
   parts = parts_lib.model_parts(prepared.model_cfg, config.train.seed, mesh)
   tx = optim.make(config)
-  return Program(stage_for(parts, config, tx, mesh, aot=aot), parts, tx, mesh)
+  shard_tokens = getattr(prepared.datasets, "shard_tokens", None)
+  return Program(stage_for(parts, config, tx, mesh, aot=aot, shard_tokens=shard_tokens), parts,
+                 tx, mesh)

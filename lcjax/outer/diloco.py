@@ -78,14 +78,15 @@ class DiLoCo:
     self.optimizer_name = o.optimizer
     self.alive_table = _alive_table(parse_drops(o.drop_replicas, replicas), replicas)
     self.island_keys = tuple(k for k in inner.abstract if k != "step")
-    abstract_theta = inner.parts.abstract_params
+    abstract_theta = self._outer_params(inner.parts.abstract_params, _abstract_stack)
     abstract_outer_opt = jax.eval_shape(self.outer_tx.init, abstract_theta)
     self.abstract = {"step": inner.abstract["step"],
                      **{k: _abstract_stack(inner.abstract[k], replicas) for k in self.island_keys},
                      "tokens": jax.ShapeDtypeStruct((replicas,), jnp.float32),
                      "outer": {"params": abstract_theta, "opt_state": abstract_outer_opt,
                                "step": jax.ShapeDtypeStruct((), jnp.int32)}}
-    theta_decls = inner.parts.param_decls
+    theta_decls = self._outer_params(inner.parts.param_decls,
+                                     lambda decls, _: state_spec.stacked(decls, None))
     self.decls = {"step": inner.decls["step"],
                   **{k: state_spec.stacked(inner.decls[k], "islands") for k in self.island_keys},
                   "tokens": Decl(("islands",)),
@@ -95,13 +96,23 @@ class DiLoCo:
                             "step": Decl()}}
     self.saved_keys = tuple(k for k in self.abstract
                             if k not in inner.abstract or k in inner.saved_keys)
-    self.model_param_decls = theta_decls
+    self.model_param_decls = inner.parts.param_decls
     self.model_params_saved_path = ("outer", "params")
     self.island_specs = {"step": P(), **{k: P(AXIS) for k in self.island_keys},
                          "tokens": P(AXIS), "outer": P()}
-    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_theta)]
-    self.bytes_per_sync = compression.bytes_sent(sizes, self.fmt, replicas)
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(inner.parts.abstract_params)]
+    self.bytes_per_sync = self._bytes_per_sync(inner.parts.abstract_params)
     self.bytes_data_parallel_per_step = compression.ring_all_reduce_bytes(sizes, replicas)
+
+  def _outer_params(self, tree, stack):
+    """The outer state's parameters, from a tree of the model's (DiLoCo: theta itself; a
+    subclass stores modules with `stack(subtree, count)`)."""
+    return tree
+
+  def _bytes_per_sync(self, abstract_params) -> int:
+    """Bytes one island sends per sync."""
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)]
+    return compression.bytes_sent(sizes, self.fmt, self.R)
 
   def create_base(self):
     return self.inner.create_base()
@@ -111,10 +122,11 @@ class DiLoCo:
     return self._from_island(self.inner.from_base(base), base["params"])
 
   def _from_island(self, island, theta):
+    outer_params = self._outer_params(theta, _stack)
     return {"step": island["step"],
             **{k: _stack(island[k], self.R) for k in self.island_keys},
             "tokens": jnp.zeros((self.R,), jnp.float32),
-            "outer": {"params": theta, "opt_state": self.outer_tx.init(theta),
+            "outer": {"params": outer_params, "opt_state": self.outer_tx.init(outer_params),
                       "step": jnp.zeros((), jnp.int32)}}
 
   def _island(self, state):
@@ -152,16 +164,22 @@ class DiLoCo:
     number = outer["step"] + 1
     alive = jnp.asarray(self.alive_table)[jnp.minimum(number, self.alive_table.shape[0] - 1),
                              jax.lax.axis_index(AXIS)]
-    contribution = alive * tokens[0]
-    weight = contribution / jax.lax.psum(contribution, AXIS)
-    mine = self.inner.master_params(island)
-    delta = jax.tree.map(
-        lambda theta, m: compression.weighted_sum(theta - m, weight, self.fmt, AXIS, self.R),
-        outer["params"], mine)
+    delta = self._outer_gradient(outer["params"], self.inner.master_params(island),
+                                 alive * tokens[0])
     updates, opt_state = self.outer_tx.update(delta, outer["opt_state"], outer["params"])
-    shared = optax.apply_updates(outer["params"], updates)
-    return (self.inner.with_params(island, shared), jnp.zeros_like(tokens),
-            {"params": shared, "opt_state": opt_state, "step": number})
+    new = optax.apply_updates(outer["params"], updates)
+    return (self.inner.with_params(island, self._island_params(new)), jnp.zeros_like(tokens),
+            {"params": new, "opt_state": opt_state, "step": number})
+
+  def _outer_gradient(self, theta, mine, contribution):
+    """sum_r w_r (theta - theta_r), w_r = contribution_r / its sum over the islands."""
+    weight = contribution / jax.lax.psum(contribution, AXIS)
+    return jax.tree.map(
+        lambda t, m: compression.weighted_sum(t - m, weight, self.fmt, AXIS, self.R), theta, mine)
+
+  def _island_params(self, outer_params):
+    """This island's parameters after a sync."""
+    return outer_params
 
   def update(self, state, batch):
     def island_step(state, batch):
@@ -173,13 +191,17 @@ class DiLoCo:
       return state, {k: v[None] for k, v in metrics.items()}
 
     state, m = self._per_island(island_step, state, batch, out_extra_specs=(P(AXIS),))
+    return state, self._metrics(m, state), None
+
+  def _metrics(self, m, state):
+    """The step's metrics from the islands' [R] ones."""
     tokens = m["train/tokens"]
     metrics = {"train/loss": jnp.sum(m["train/loss"] * tokens) / jnp.sum(tokens),
                "train/grad_norm": jnp.mean(m["train/grad_norm"]),
                "train/tokens": jnp.sum(tokens), "train/lr": m["train/lr"][0],
                "outer/step": state["outer"]["step"]}
     metrics.update({f"train/loss/replica{r}": m["train/loss"][r] for r in range(self.R)})
-    return state, metrics, None
+    return metrics
 
   def finish(self, state, extra):
     return state

@@ -1,0 +1,209 @@
+"""DiPaCo (lcjax/outer/dipaco.py): hand-computed outer steps per module on a separable quadratic
+model (2x2 grid with a private embedding; a flat MoE), the path grid, uniform routing, DiLoCo's
+losses bit for bit with one module per level, a flat MoE's zero bytes, and bad configs."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcjax import config as config_lib
+from lcjax import mesh as mesh_lib
+from lcjax import parts as parts_lib
+from lcjax import program as program_lib
+from lcjax.optim import inner as inner_lib
+from lcjax.outer import dipaco, paths, routing
+from lcjax.state_spec import Decl
+from lcjax.train import train_and_evaluate
+from conftest import read_losses, tiny_config
+
+DIM, R, ROWS = 4, 4, 8
+
+
+def _leaves(levels):
+  return ("embed", *(f"levels/{l}" for l in range(levels)), "final_norm")
+
+
+def _tree(values, levels):
+  """The model's tree shape, {"embed": {"w"}, "levels": {l: {"w"}}, "final_norm": {"w"}}, from
+  a dict by leaf name."""
+  return {"embed": {"w": values["embed"]},
+          "levels": {l: {"w": values[f"levels/{l}"]} for l in range(levels)},
+          "final_norm": {"w": values["final_norm"]}}
+
+
+def _flat(tree):
+  return {"embed": tree["embed"]["w"], "final_norm": tree["final_norm"]["w"],
+          **{f"levels/{l}": v["w"] for l, v in tree["levels"].items()}}
+
+
+def _quadratic_inner(mesh, inner_lr, levels):
+  """Every leaf w of the model-shaped tree pulled to the masked mean of the batch rows by
+  sum_leaves |w - x|^2 / 2 (one independent quadratic per leaf), plain SGD."""
+  def loss_fn(params, batch):
+    m = batch["mask"]
+    sq = sum(0.5 * jnp.sum((w[None] - batch["x"]) ** 2, axis=1)
+             for w in jax.tree.leaves(params))
+    loss = jnp.sum(m * sq) / jnp.sum(m)
+    return loss, (loss, jnp.sum(m))
+
+  abstract = _tree({k: jax.ShapeDtypeStruct((DIM,), jnp.float32) for k in _leaves(levels)},
+                   levels)
+  parts = parts_lib.Parts(
+      graphdef=None, abstract_params=abstract,
+      param_decls=jax.tree.map(lambda _: Decl((None,)), abstract),
+      create_params=lambda: _tree({k: jnp.full((DIM,), i, jnp.float32)
+                                   for i, k in enumerate(_leaves(levels))}, levels),
+      loss_fn=loss_fn, eval_step=lambda params, batch: loss_fn(params, batch)[1],
+      batch_sharding=NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
+  return inner_lib.Plain(parts, optax.sgd(inner_lr), lambda step: jnp.float32(inner_lr))
+
+
+def _run(grid, batches, shard_tokens, inner_lr, **outer):
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(
+      dict(replica=R, data=-1, fsdp=1, ring=1, ulysses=1, tensor=1)))
+  c = config_lib.base_config().outer
+  c.update(kind="dipaco", **outer)
+  with jax.set_mesh(mesh):
+    inner = _quadratic_inner(mesh, inner_lr, len(grid.modules))
+    stage = dipaco.DiPaCo(inner, c, R, mesh, grid, shard_tokens)
+    program = program_lib.Program(stage, inner.parts, inner.tx, mesh)
+    state, records = program.init(program_lib.Scratch())[0], []
+    for batch in batches:
+      state, _ = program.step(state, jax.device_put(batch, program.batch_sharding))
+      records.append(jax.device_get(state))
+  return records, stage
+
+
+@pytest.mark.parametrize("modules, private", [("2x2", "embed"), ("4", "embed,head")])
+def test_outer_steps_per_module_match_a_hand_computation(modules, private):
+  """Two rounds of H inner steps; each module's delta uses only the paths through it, weighted
+  by tokens x relative shard size, rescaled by sqrt(paths through it / P); Nesterov per module;
+  private modules (never averaged) still take the outer step."""
+  levels = len(modules.split("x"))
+  grid = paths.PathGrid(paths.parse_modules(modules, levels),
+                        paths.parse_private(private, levels, tie_embeddings=True))
+  H, lr, mu, inner_lr = 2, 0.7, 0.9, 0.1
+  shard_tokens = [1.0, 2.0, 3.0, 2.0]
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(2 * H):
+    mask = np.ones(ROWS, np.float32)
+    mask[[1, 5]] = 0.0  # islands 0 and 2 train on one row, 1 and 3 on two: unequal tokens
+    batches.append({"x": rng.normal(size=(ROWS, DIM)).astype(np.float32), "mask": mask})
+  records, stage = _run(grid, batches, shard_tokens, inner_lr, inner_steps=H, lr=lr,
+                        momentum=mu, nesterov=True, modules=modules, private=private)
+  scale = np.array(shard_tokens) / np.mean(shard_tokens)
+  leaves = _leaves(levels)
+  group = {"embed": grid.group("embed"), "final_norm": grid.group("final_norm"),
+           **{f"levels/{l}": grid.group("levels", l) for l in range(levels)}}
+  modules_of = {k: np.stack([np.full(DIM, i, np.float64)] * grid.count(group[k]))
+                for i, k in enumerate(leaves)}
+  momentum = {k: np.zeros_like(v) for k, v in modules_of.items()}
+  islands = [{k: modules_of[k][grid.module_of(group[k], r)].copy() for k in leaves}
+             for r in range(R)]
+  for round_ in range(2):
+    tokens = np.zeros(R)
+    for step in range(round_ * H, (round_ + 1) * H):
+      b = batches[step]
+      for r in range(R):
+        rows = slice(2 * r, 2 * r + 2)
+        x, m = b["x"][rows], b["mask"][rows]
+        target = (m[:, None] * x).sum(0) / m.sum()
+        for k in leaves:
+          islands[r][k] = islands[r][k] - inner_lr * (islands[r][k] - target)
+        tokens[r] += m.sum()
+    for k in leaves:
+      g = group[k]
+      delta = np.zeros_like(modules_of[k])
+      for module in range(grid.count(g)):
+        through = [r for r in range(R) if grid.module_of(g, r) == module]
+        c = np.array([tokens[r] * scale[r] for r in through])
+        for w, r in zip(c / c.sum(), through):
+          delta[module] += w * (modules_of[k][module] - islands[r][k])
+        delta[module] *= np.sqrt(len(through) / grid.num_paths)
+      momentum[k] = delta + mu * momentum[k]
+      modules_of[k] = modules_of[k] - lr * (delta + mu * momentum[k])
+    islands = [{k: modules_of[k][grid.module_of(group[k], r)].copy() for k in leaves}
+               for r in range(R)]
+    got = records[(round_ + 1) * H - 1]
+    got_modules, got_islands = _flat(got["outer"]["params"]), _flat(got["params"])
+    for k in leaves:
+      np.testing.assert_allclose(got_modules[k], modules_of[k], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(got_islands[k], np.stack([isl[k] for isl in islands]),
+                                 rtol=1e-5, atol=1e-6)
+    assert int(got["outer"]["step"]) == round_ + 1
+  if modules == "4":  # the flat MoE: every module has one island, nothing is exchanged
+    assert stage.bytes_per_sync == 0
+
+
+def test_the_grid_numbers_paths_in_mixed_radix():
+  grid = paths.PathGrid((2, 4), paths.parse_private("level1", 2, True))
+  assert grid.num_paths == 8
+  assert [tuple(grid.index(p, l) for l in range(2)) for p in (0, 1, 4, 7)] == \
+      [(0, 0), (0, 1), (1, 0), (1, 3)]
+  assert grid.group("levels", 0) == "level0" and grid.group("levels", 1) == "private"
+  assert grid.group("embed") == "shared" and grid.group("lm_head") == "shared"
+  np.testing.assert_array_equal(grid.paths_through("level0"), [4, 4])
+  np.testing.assert_array_equal(grid.paths_through("private"), [1] * 8)
+  np.testing.assert_array_equal(grid.table("level0"), [0, 0, 0, 0, 1, 1, 1, 1])
+  assert paths.PathGrid((1, 1)).group("levels", 1) == "shared"
+
+
+def test_uniform_routing_deals_equal_shards_deterministically():
+  a, b = routing.uniform(103, 4, seed=7), routing.uniform(103, 4, seed=7)
+  np.testing.assert_array_equal(a, b)
+  assert sorted(np.bincount(a)) == [25, 26, 26, 26]
+  assert not np.array_equal(a, routing.uniform(103, 4, seed=8))
+  np.testing.assert_array_equal(routing.uniform(10, 1, seed=7), np.zeros(10))
+
+
+def _tiny_outer(kind, **outer):
+  c = tiny_config()
+  c.mesh.update(replica=4, data=2, fsdp=1)
+  c.train.update(steps=6, log_every=1, eval_every=3, batch_size=8)
+  c.outer.update(kind=kind, inner_steps=2, **outer)
+  return c
+
+
+def test_one_module_per_level_is_diloco_bit_for_bit(tmp_path):
+  """Two levels of one module each: one path, every island trains it on DiLoCo's data split;
+  every logged loss (train, per island, eval) is DiLoCo's exactly."""
+  records = {}
+  for kind in ("diloco", "dipaco"):
+    c = _tiny_outer(kind, **({"modules": "1x1"} if kind == "dipaco" else {}))
+    c.model.num_levels = 2
+    train_and_evaluate(c, tmp_path / kind)
+    records[kind] = read_losses(tmp_path / kind)
+  assert records["dipaco"] == records["diloco"]
+  assert len(records["diloco"]) >= 6
+
+
+def test_a_flat_moe_sends_nothing_and_2x2_sends_less_than_diloco(tmp_path):
+  got = {}
+  for name, outer in (("diloco", {}), ("moe", dict(modules="4", private="embed,head")),
+                      ("2x2", dict(modules="2x2"))):
+    c = _tiny_outer("diloco" if name == "diloco" else "dipaco", **outer)
+    c.model.num_levels = 1 if name != "2x2" else 2
+    c.train.steps = 2
+    got[name] = train_and_evaluate(c, tmp_path / name, dry_run=True)
+  assert got["moe"]["outer/bytes_per_sync"] == 0
+  assert got["moe"]["outer/paths"] == 4
+  assert 0 < got["2x2"]["outer/bytes_per_sync"] < got["diloco"]["outer/bytes_per_sync"]
+
+
+@pytest.mark.parametrize("update, message", [
+    (dict(modules="2x2"), r"outer.modules='2x2' gives 2 levels but the model has "
+                          r"model.num_levels=1"),
+    (dict(modules="3"), r"gives 3 paths; mesh.replica \(4\) must be a multiple"),
+    (dict(modules="2xa"), r"outer.modules must read K1xK2x"),
+    (dict(modules="0"), r"outer.modules must read K1xK2x"),
+    (dict(modules="2", private="level1"), r"outer.private: unknown parts \['level1'\]"),
+    (dict(modules="2", private="head"), r"the head is the embedding"),
+    (dict(routing="nearest"), r"outer.routing must be"),
+])
+def test_bad_dipaco_config_stops_at_validation(update, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(_tiny_outer("dipaco", **update))
