@@ -1,6 +1,8 @@
 """DiPaCo (lcjax/outer/dipaco.py): hand-computed outer steps per module on a separable quadratic
 model (2x2 grid with a private embedding; a flat MoE), the path grid, uniform routing, DiLoCo's
 losses bit for bit with one module per level, a flat MoE's zero bytes, and bad configs."""
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -207,3 +209,27 @@ def test_a_flat_moe_sends_nothing_and_2x2_sends_less_than_diloco(tmp_path):
 def test_bad_dipaco_config_stops_at_validation(update, message):
   with pytest.raises(ValueError, match=message):
     config_lib.validate(_tiny_outer("dipaco", **update))
+
+
+def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation):
+  """2x2 paths, H=2, checkpoints at 3 (mid-round) and 6: a run killed at its second evaluation
+  resumes from step 3 and logs the uninterrupted run's losses, per path and routed eval."""
+  c = _tiny_outer("dipaco", modules="2x2")
+  c.model.num_levels = 2
+  c.checkpoint.every = 3
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_and_evaluate(c, straight)
+  disarm = crash_on_evaluation(2, RuntimeError("simulated crash"))
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train_and_evaluate(c, resumed)
+  disarm()
+  train_and_evaluate(c, resumed)
+  assert read_losses(resumed) == read_losses(straight)
+  records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+  start = records[0]
+  assert start["outer/paths"] == 4 and start["outer/modules"] == "2x2"
+  assert len(start["outer/shard_tokens"]) == 4 and min(start["outer/shard_tokens"]) > 0
+  last_eval = [r for r in records if "eval/loss/path3" in r][-1]
+  per_path = [last_eval[f"eval/loss/path{p}"] for p in range(4)]
+  assert min(per_path) <= last_eval["eval/loss"] <= max(per_path)  # the routed mixture
+  assert any(f"train/loss/path{p}" in r for r in records for p in range(4))

@@ -51,6 +51,7 @@ class DiPaCo(DiLoCo):
                        "multiple of it (every path trains on mesh.replica / P islands)")
     self.grid, self.P, self.islands_per_path = grid, P, replicas // P
     self.groups = paths_lib.groups_of(inner.parts.abstract_params, grid)
+    self.shard_tokens = list(shard_tokens) if shard_tokens is not None else None
     sizes = np.asarray(shard_tokens if shard_tokens is not None else [1.0] * P, np.float64)
     self.shard_scale = (sizes / sizes.mean()).astype(np.float32)  # s_p; all 1.0 when equal
     super().__init__(inner, outer_config, replicas, mesh)
@@ -133,5 +134,6 @@ class DiPaCo(DiLoCo):
     return {**super().describe(), "outer/modules": "x".join(map(str, self.grid.modules)),
             "outer/paths": self.P, "outer/private": ",".join(sorted(self.grid.private)),
             "outer/islands_per_path": self.islands_per_path,
+            "outer/shard_tokens": self.shard_tokens,  # None: built without data (equal)
             "outer/shard_scale": [float(s) for s in self.shard_scale],
             "outer/bytes_on_wire_per_sync": self._bytes_on_wire(self.inner.parts.abstract_params)}
