@@ -298,34 +298,36 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
   reader = _Reader(config, program, checkpointer, writer, flops, peak)
   pending, last = [], {}
   bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", unit="step", mininterval=2)
-  for step in range(start, t.steps):
-    if preemption.requested(step):
-      _stop_preempted(preemption, reader, pending, step, start, program.saved_view(state),
-                      next_sequence)
-    batch = datasets.train_batch(next_sequence, t.batch_size)
-    next_sequence += t.batch_size
-    state, metrics = runner(state, parts_lib.device_batch(batch, program.batch_sharding))
-    pending.append((step + 1, metrics))
-    done = step + 1
-    log = done % t.log_every == 0 or done == t.steps
-    evaluate_now = done % t.eval_every == 0 or done == t.steps
-    save = done % config.checkpoint.every == 0 or done == t.steps
-    if log or evaluate_now or save:  # the host reads the metrics anyway: check them here
-      last.update(reader.read(pending))
-      bar.set_postfix(loss=f"{last['train/loss']:.3f}")
-      pending = []
-    if evaluate_now:
-      record = evaluate(program, state, datasets, config)
-      writer.write(done, record)
-      if guard.first_non_finite(record):
-        reader.stop(f"eval/loss is {record['eval/loss']}", done)
-      last.update(record)
-    if save:
-      reader.save(done, program.saved_view(state), next_sequence, force=done == t.steps)
-    if not pending:  # eval and checkpoint time stay out of the next interval's step time
-      reader.timer = time.perf_counter()
-    bar.update(1)
-  bar.close()
+  try:
+    for step in range(start, t.steps):
+      if preemption.requested(step):
+        _stop_preempted(preemption, reader, pending, step, start, program.saved_view(state),
+                        next_sequence)
+      batch = datasets.train_batch(next_sequence, t.batch_size)
+      next_sequence += t.batch_size
+      state, metrics = runner(state, parts_lib.device_batch(batch, program.batch_sharding))
+      pending.append((step + 1, metrics))
+      done = step + 1
+      log = done % t.log_every == 0 or done == t.steps
+      evaluate_now = done % t.eval_every == 0 or done == t.steps
+      save = done % config.checkpoint.every == 0 or done == t.steps
+      if log or evaluate_now or save:  # the host reads the metrics anyway: check them here
+        last.update(reader.read(pending))
+        bar.set_postfix(loss=f"{last['train/loss']:.3f}")
+        pending = []
+      if evaluate_now:
+        record = evaluate(program, state, datasets, config)
+        writer.write(done, record)
+        if guard.first_non_finite(record):
+          reader.stop(f"eval/loss is {record['eval/loss']}", done)
+        last.update(record)
+      if save:
+        reader.save(done, program.saved_view(state), next_sequence, force=done == t.steps)
+      if not pending:  # eval and checkpoint time stay out of the next interval's step time
+        reader.timer = time.perf_counter()
+      bar.update(1)
+  finally:  # before any stop line: the bar is not redrawn after it
+    bar.close()
   return {**last, "params": program.model_params(state)}
 
 
