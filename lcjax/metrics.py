@@ -80,7 +80,7 @@ class MetricsWriter:
 
   def _mirror(self, record):
     scalars = [(k, v) for k, v in record.items() if k.startswith(_TENSORBOARD_PREFIXES)
-               and isinstance(v, (int, float)) and not isinstance(v, bool)]
+               and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     if not scalars:
       return
     if self._tb is None:
