@@ -87,8 +87,8 @@ def _script(*args):
 @pytest.mark.parametrize("script,args,message", [
     ("scripts/plan.py", ["--target=tpu:v9:2x2"], r"plan.py: error: unknown target 'tpu:v9:2x2'"),
     ("scripts/plan.py", ["--target=tpu:v5p:2x2x1", "--margin=1.5"], r"--margin in \[0, 1\)"),
-    ("scripts/fit.py", ["--memory_gb=-1"], r"fit.py: error: --memory_gb must be a positive"),
-    ("scripts/fit.py", ["--target=gpu:a100:8"], r"fit.py: error: unknown target 'gpu:a100:8'")])
+    ("scripts/fit.py", ["--memory_gb=-1"], r"lcjax: error: --memory_gb must be a positive"),
+    ("scripts/fit.py", ["--target=gpu:a100:8"], r"lcjax: error: unknown target 'gpu:a100:8'")])
 def test_scripts_refuse_bad_input_in_one_line(script, args, message):
   out = _script(script, "--config=experiments/tiny_cpu.py", *args)
   assert out.returncode != 0
