@@ -153,8 +153,13 @@ class Program:
     """What a checkpoint of the live state holds."""
     return {k: state[k] for k in self.stage.saved_keys}
 
-  def restore_model_params(self, checkpointer, step):
-    """Only the parameters evaluation uses, read from checkpoint `step` onto this mesh."""
+  def restore_model_params(self, checkpointer, step, path: int = 0):
+    """Only the parameters evaluation uses (DiPaCo: path `path`'s, assembled from the saved
+    modules), read from checkpoint `step` onto this mesh."""
+    if self.num_paths > 1:
+      modules = checkpointer.restore_part(
+          step, {"outer": {"params": self.live.abstract["outer"]["params"]}})
+      return self._path_params(modules, self._path_ids[path])
     tree = self.model_params_abstract
     for key in reversed(self.stage.model_params_saved_path):
       tree = {key: tree}

@@ -79,7 +79,13 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
       raise ValueError(f"{workdir} has no checkpoint yet; train first")
     with jax.set_mesh(prepared.mesh):
       program = program_lib.build(prepared, aot=True)
-      params = program.restore_model_params(checkpointer, step)
+      path = 0
+      if program.num_paths > 1:  # DiPaCo: the prompt runs on the path it is routed to
+        from lcjax.outer import routing
+        path = routing.route_text(prepared.config, prompt)
+        print(f"[lcjax] DiPaCo: the prompt is routed to path {path} of {program.num_paths} "
+              f"(modules {program.stage.grid.describe(path)})", file=sys.stderr)
+      params = program.restore_model_params(checkpointer, step, path)
       return generate(prepared.model_cfg, prepared.mesh, params, prepared.tokenizer, prompt,
                       num_tokens, context=config.train.seq_len, temperature=temperature)
   finally:

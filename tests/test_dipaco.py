@@ -154,12 +154,14 @@ def test_the_grid_numbers_paths_in_mixed_radix():
   assert paths.PathGrid((1, 1)).group("levels", 1) == "shared"
 
 
-def test_uniform_routing_deals_equal_shards_deterministically():
-  a, b = routing.uniform(103, 4, seed=7), routing.uniform(103, 4, seed=7)
-  np.testing.assert_array_equal(a, b)
-  assert sorted(np.bincount(a)) == [25, 26, 26, 26]
-  assert not np.array_equal(a, routing.uniform(103, 4, seed=8))
-  np.testing.assert_array_equal(routing.uniform(10, 1, seed=7), np.zeros(10))
+def test_uniform_routing_hashes_texts_into_near_equal_shards():
+  texts = [f"document {i}" for i in range(400)]
+  a = routing.uniform(texts, 4, seed=7)
+  np.testing.assert_array_equal(a, routing.uniform(texts, 4, seed=7))
+  assert np.bincount(a, minlength=4).min() > 70  # 100 expected each
+  assert not np.array_equal(a, routing.uniform(texts, 4, seed=8))
+  assert routing.uniform(["document 5"], 4, seed=7)[0] == a[5]  # a prompt routes like its text
+  np.testing.assert_array_equal(routing.uniform(texts, 1, seed=7), np.zeros(400))
 
 
 def _tiny_outer(kind, **outer):
@@ -233,3 +235,68 @@ def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation):
   per_path = [last_eval[f"eval/loss/path{p}"] for p in range(4)]
   assert min(per_path) <= last_eval["eval/loss"] <= max(per_path)  # the routed mixture
   assert any(f"train/loss/path{p}" in r for r in records for p in range(4))
+
+
+def _blobs(seed, centers, per=40, spread=0.1):
+  rng = np.random.default_rng(seed)
+  x = np.concatenate([c + spread * rng.normal(size=(per, len(c))) for c in centers])
+  return x, np.repeat(np.arange(len(centers)), per)
+
+
+def test_kmeans_is_seeded_and_recovers_separated_clusters():
+  centers = np.array([[0, 0, 0, 0], [5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 5]], np.float64)
+  x, truth = _blobs(0, centers)
+  a, b = routing.kmeans(x, 4, seed=3), routing.kmeans(x, 4, seed=3)
+  np.testing.assert_array_equal(a, b)
+  labels = routing.nearest(x, a)[:, 0]
+  # the same partition as the blobs, and each centroid is its blob's mean (the fixed point)
+  mapping = {t: labels[truth == t][0] for t in range(4)}
+  assert len(set(mapping.values())) == 4
+  np.testing.assert_array_equal(labels, [mapping[t] for t in truth])
+  for t in range(4):
+    np.testing.assert_allclose(a[mapping[t]], x[truth == t].mean(axis=0), rtol=1e-12)
+  # nearest() is the brute-force argmin of the distances, and top-2 starts with it
+  brute = np.argmin(((x[:, None] - a[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_array_equal(labels, brute)
+  np.testing.assert_array_equal(routing.nearest(x, a, top=2)[:, 0], brute)
+
+
+def test_product_kmeans_pairs_the_clusters_of_each_half():
+  halves = [np.array([[0.0, 0.0], [4.0, 4.0]]), np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])]
+  centers = np.array([np.concatenate([h0, h1]) for h0 in halves[0] for h1 in halves[1]])
+  x, truth = _blobs(1, centers, per=20)  # blob 3a+b: cluster a of the first half, b of the second
+  cents = routing.product_kmeans(x, (2, 3), seed=5)
+  paths_of = routing.product_nearest(x, cents)[:, 0]
+  first = routing.nearest(x[:, :2], cents[0])[:, 0]
+  second = routing.nearest(x[:, 2:], cents[1])[:, 0]
+  np.testing.assert_array_equal(paths_of, first * 3 + second)
+  assert len(set(paths_of)) == 6
+  for t in range(6):  # each blob lands whole in one cell
+    assert len(set(paths_of[truth == t])) == 1
+
+
+def test_logistic_router_learns_labels_and_its_bias_leaves_no_shard_empty():
+  centers = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+  x, truth = _blobs(2, centers, per=30)
+  w, b = routing.fit_logistic(x, truth, 3)
+  assert np.mean(np.argmax(x @ w + b, axis=1) == truth) > 0.95
+  # skewed: path 3 of 4 is nobody's best, path 0 everybody's
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(50, 4)) + np.array([3.0, 0.0, 0.0, -6.0])
+  assert np.bincount(np.argmax(logits, axis=1), minlength=4)[3] == 0
+  for min_docs in (1, 5):
+    bias = routing.balance_bias(logits, min_docs)
+    counts = np.bincount(np.argmax(logits + bias, axis=1), minlength=4)
+    assert counts.min() >= min_docs and counts.sum() == 50
+
+
+def test_sampling_a_dipaco_workdir_runs_the_prompts_path(tmp_path, capsys):
+  from lcjax import sample
+  c = _tiny_outer("dipaco", modules="2x2")
+  c.model.num_levels = 2
+  c.train.update(steps=2, eval_every=2)
+  train_and_evaluate(c, tmp_path / "run")
+  text = sample.sample_from_workdir(tmp_path / "run", "def f", 4, temperature=0.0)
+  path = routing.route_text(config_lib.validate(c), "def f")
+  assert text.startswith("def f")
+  assert f"routed to path {path} of 4" in capsys.readouterr().err

@@ -1,9 +1,8 @@
 """DiPaCo's data: every document routed to a path, each path reading its own shard.
 
 Routing is once per document, offline, before training (the paper's coarse routing):
-  uniform   a seeded permutation of the documents dealt round-robin to the P paths (equal
-            shards; one path keeps every document in its original order, so P = 1 is the
-            unsharded stream DiLoCo reads)
+  uniform   a seeded hash of the document's text, modulo P (near-equal shards; with P = 1
+            the one shard is the unsharded stream DiLoCo reads)
 
 Path p's shard is packed and shuffled like the whole corpus is without DiPaCo
 (data.PackedSequences, the run's seed), and read by p's islands: a step's global batch is the
@@ -13,20 +12,127 @@ as without DiPaCo). Held-out documents are routed by the same rule, and each is 
 its own path.
 """
 import dataclasses
+import zlib
 
 import numpy as np
 
 from lcjax.data import Datasets, PackedSequences, load_documents, make_tokenizer
 
 
-def uniform(num_documents: int, num_paths: int, seed: int) -> np.ndarray:
-  """[N] int32: the path of each document (equal shards, a seeded deal)."""
-  if num_paths == 1:
-    return np.zeros(num_documents, np.int32)
-  order = np.random.default_rng([seed, 0x0D1BAC0]).permutation(num_documents)
-  assignment = np.empty(num_documents, np.int32)
-  assignment[order] = np.arange(num_documents) % num_paths
-  return assignment
+def uniform(texts, num_paths: int, seed: int) -> np.ndarray:
+  """[N] int32: the path of each document, a seeded hash of its text (near-equal shards; a
+  prompt routes as a document with its text would)."""
+  salt = f"{seed}:".encode()
+  return np.array([zlib.crc32(salt + t.encode("utf-8", "replace")) % num_paths for t in texts],
+                  np.int32)
+
+
+def route_text(config, text: str) -> int:
+  """The path a text (a prompt, a document) is routed to under a DiPaCo config."""
+  from lcjax.outer import paths as paths_lib
+  return int(uniform([text], paths_lib.grid_of(config).num_paths, config.train.seed)[0])
+
+
+# -- routers: numpy, on the host, deterministic for a seed -------------------------------------
+
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 100) -> np.ndarray:
+  """[k, D] centroids of Lloyd's k-means on the rows of x [N, D] (float64), started by
+  k-means++ from a seeded generator; a cluster left empty restarts at the point farthest from
+  its centroid."""
+  x = np.asarray(x, np.float64)
+  if len(x) < k:
+    raise ValueError(f"k-means needs at least {k} documents to make {k} clusters; got {len(x)}")
+  rng = np.random.default_rng([seed, k])
+  centroids = [x[rng.integers(len(x))]]
+  for _ in range(1, k):  # k-means++: the next centre drawn in proportion to squared distance
+    d2 = np.min(_sq_distances(x, np.stack(centroids)), axis=1)
+    centroids.append(x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else
+                     x[rng.integers(len(x))])
+  centroids = np.stack(centroids)
+  labels = None
+  for _ in range(iters):
+    d2 = _sq_distances(x, centroids)
+    new = np.argmin(d2, axis=1)
+    for c in range(k):
+      if not np.any(new == c):  # an empty cluster takes the point worst served by its own
+        far = int(np.argmax(d2[np.arange(len(x)), new]))
+        new[far] = c
+    if labels is not None and np.array_equal(new, labels):
+      break
+    labels = new
+    centroids = np.stack([x[labels == c].mean(axis=0) for c in range(k)])
+  return centroids
+
+
+def _sq_distances(x, centroids):
+  d2 = (np.sum(x * x, axis=1)[:, None] - 2 * x @ centroids.T
+        + np.sum(centroids * centroids, axis=1)[None])
+  return np.maximum(d2, 0.0)  # the expansion's rounding can dip below zero
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, top: int = 1) -> np.ndarray:
+  """[N, top] the indices of each row's `top` nearest centroids, nearest first."""
+  return np.argsort(_sq_distances(np.asarray(x, np.float64), centroids), axis=1,
+                    kind="stable")[:, :top]
+
+
+def product_kmeans(x: np.ndarray, modules: tuple, seed: int) -> list[np.ndarray]:
+  """Product k-means for a 2-level grid K1 x K2: k-means with K1 clusters on the first half of
+  the feature and K2 on the second; a document's path is the pair (a, b), path a * K2 + b."""
+  half = x.shape[1] // 2
+  return [kmeans(x[:, :half], modules[0], seed), kmeans(x[:, half:], modules[1], seed + 1)]
+
+
+def product_nearest(x: np.ndarray, centroids: list, top: int = 1) -> np.ndarray:
+  """[N, top] paths of product k-means, nearest first (cells ranked by summed squared
+  distance of the two halves)."""
+  half = x.shape[1] // 2
+  a = _sq_distances(np.asarray(x[:, :half], np.float64), centroids[0])
+  b = _sq_distances(np.asarray(x[:, half:], np.float64), centroids[1])
+  cells = (a[:, :, None] + b[:, None, :]).reshape(len(x), -1)
+  return np.argsort(cells, axis=1, kind="stable")[:, :top]
+
+
+def fit_logistic(x: np.ndarray, labels: np.ndarray, num_paths: int, *, l2: float = 1e-3,
+                 steps: int = 500, lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+  """(W [D, P], b [P]) of a multinomial logistic regression from the features x [N, D]
+  (standardised inside: W and b apply to raw x) to path labels, by full-batch gradient descent
+  on the mean cross-entropy plus l2 |W|^2 / 2."""
+  x = np.asarray(x, np.float64)
+  mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
+  z = (x - mean) / std
+  onehot = np.eye(num_paths)[labels]
+  w, b = np.zeros((x.shape[1], num_paths)), np.zeros(num_paths)
+  for _ in range(steps):
+    logits = z @ w + b
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    g = (p - onehot) / len(x)
+    w -= lr * (z.T @ g + l2 * w)
+    b -= lr * g.sum(axis=0)
+  return w / std[:, None], b - (mean / std) @ w
+
+
+def balance_bias(logits: np.ndarray, min_docs: int = 1) -> np.ndarray:
+  """[P] bias added to the router's logits [N, P] so that every path is the top choice of at
+  least `min_docs` documents: an underfull path's bias rises just enough to win the documents
+  it loses by the least, taken only from paths that keep min_docs."""
+  n, num_paths = logits.shape
+  if n < num_paths * min_docs:
+    raise ValueError(f"{n} documents cannot give each of {num_paths} paths {min_docs}")
+  bias = np.zeros(num_paths)
+  for _ in range(num_paths * n):
+    scores = logits + bias
+    choice = np.argmax(scores, axis=1)
+    counts = np.bincount(choice, minlength=num_paths)
+    short = np.flatnonzero(counts < min_docs)
+    if not len(short):
+      return bias
+    p = int(short[0])
+    donors = counts[choice] > min_docs  # documents whose path can spare them
+    margin = np.where(donors, scores[np.arange(n), choice] - scores[:, p], np.inf)
+    bias[p] += np.sort(margin)[min_docs - counts[p] - 1] + 1e-9 * (1 + abs(bias[p]))
+  raise RuntimeError("balance_bias did not converge")  # each round moves a document: unreachable
 
 
 @dataclasses.dataclass
@@ -80,8 +186,8 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   eval_tokens = [tokenizer.encode(d) for d in eval_docs]
   if o.routing != "uniform":
     raise ValueError(f"outer.routing={o.routing!r} is not available; use 'uniform'")
-  train_paths = uniform(len(train_tokens), num_paths, seed)
-  eval_paths = uniform(len(eval_tokens), num_paths, seed + 1)
+  train_paths = uniform(train_docs, num_paths, seed)
+  eval_paths = uniform(eval_docs, num_paths, seed)
   special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def pack(docs, shuffle):
