@@ -66,11 +66,16 @@ class Preemption:
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      # Several processes: SIGTERM is left to JAX's preemption notifier (see requested).
-      for signum in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
+    self._install()
     return self
+
+  def _install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return
+    # Several processes: SIGTERM is left to JAX's preemption notifier (see requested).
+    for signum in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
+      if signum not in self._previous:
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def __exit__(self, *exc):
     for signum, handler in self._previous.items():
@@ -91,7 +96,12 @@ class Preemption:
     if not self._multi:
       return self.signal_name is not None
     from jax.experimental import multihost_utils
-    if multihost_utils.reached_preemption_sync_point(step):
+    try:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # processes set up without jax.distributed's preemption service
+      self._multi = False
+      self._install()  # SIGTERM through this process's own handler, then
+      return self.signal_name is not None
+    if reached:
       self.signal_name = self.signal_name or "SIGTERM"
-      return True
-    return False
+    return reached
