@@ -12,6 +12,7 @@ REMAT_POLICIES = ("none", "full", "dots", "offload")
 MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
 ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret", "cudnn")
 COMPRESSION_FORMATS = ("float32", "bfloat16", "int8", "int4")  # outer/compression.py
+ROUTINGS = ("uniform", "kmeans", "product_kmeans")  # outer/routing.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -115,7 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.modules = "1"           # dipaco: modules per level, "K1xK2x..." (one factor per
                                   # model.num_levels); their product is the number of paths P
   c.outer.private = ""            # dipaco: parts each path keeps to itself: embed, head, level<i>
-  c.outer.routing = "uniform"     # dipaco: how documents are routed to paths (outer/routing.py)
+  c.outer.routing = "uniform"     # dipaco: how documents are routed to paths (outer/routing.py):
+                                  # uniform | kmeans | product_kmeans (a 2-level grid)
+  c.outer.route_prefix = 32       # dipaco: tokens of a document its routing feature reads
+  c.outer.base_from = ""          # dipaco: workdir of a plain run (same model): its checkpoint
+                                  # (outer.init_step, 0 = latest) starts every module, and its
+                                  # model gives kmeans routing its features
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
@@ -171,9 +177,12 @@ def _check_outer(full):
   u = full.outer
   _require(u.kind in ("none", "diloco", "dipaco"),
            f"outer.kind must be none, diloco or dipaco; got {u.kind!r}")
+  _require(u.kind == "dipaco" or not u.base_from, "outer.base_from starts DiPaCo's modules and "
+           "routes its documents; it needs outer.kind='dipaco' (DiLoCo starts from "
+           "outer.init_from)")
   if u.kind == "none":
     _require(not u.init_from, "outer.init_from starts DiLoCo islands from a plain run; it needs "
-             "outer.kind='diloco' or 'dipaco'")
+             "outer.kind='diloco'")
     return
   if u.kind == "dipaco":
     _check_dipaco(full)
@@ -201,7 +210,17 @@ def _check_dipaco(full):
   _require(full.train.batch_size % full.mesh.replica == 0,
            f"train.batch_size ({full.train.batch_size}) must be a multiple of mesh.replica "
            f"({full.mesh.replica}): every island reads its share of its path's batch")
-  _require(u.routing in ("uniform",), f"outer.routing must be 'uniform'; got {u.routing!r}")
+  _require(u.routing in ROUTINGS, f"outer.routing must be one of {ROUTINGS}; got {u.routing!r}")
+  _require(not u.init_from, "outer.kind='dipaco' starts from outer.base_from (a plain run whose "
+           "model also routes the documents); set it instead of outer.init_from")
+  _require(u.routing == "uniform" or u.base_from, f"outer.routing={u.routing!r} routes by a "
+           "base model's features: set outer.base_from to a plain run's workdir")
+  _require(u.routing != "product_kmeans" or len(grid.modules) == 2, "outer.routing="
+           f"'product_kmeans' pairs two clusterings: it needs a 2-level grid; got "
+           f"outer.modules={u.modules!r}")
+  _require(u.routing == "uniform" or 1 <= u.route_prefix < full.train.seq_len,
+           f"outer.route_prefix must be in [1, train.seq_len={full.train.seq_len}) for "
+           f"outer.routing={u.routing!r}; got {u.route_prefix}")
 
 
 def _check_cudnn(full):

@@ -107,7 +107,8 @@ def evaluate(program, state, datasets, config) -> dict:
     for p in range(program.num_paths):
       s, c = _eval_sums(program, program.path_params(state, p),
                         datasets.eval_batches(t.batch_size, t.eval_batches, path=p))
-      record[f"eval/loss/path{p}"] = s / max(c, 1.0)
+      if c:  # a path no held-out document is routed to has no held-out loss
+        record[f"eval/loss/path{p}"] = s / c
       loss_sum, count = loss_sum + s, count + c
   loss = loss_sum / max(count, 1.0)
   record.update({"eval/loss": loss, "eval/tokens": count})
@@ -148,8 +149,9 @@ def state_source(config, checkpointer):
   latest = checkpointer.latest_step()
   if latest is not None:
     return program_lib.ThisRun(checkpointer, latest)
-  if config.outer.init_from:
-    return program_lib.OtherRun(config.outer.init_from, config.outer.init_step)
+  if config.outer.init_from or config.outer.base_from:  # DiLoCo's start, DiPaCo's base run
+    return program_lib.OtherRun(config.outer.init_from or config.outer.base_from,
+                                config.outer.init_step)
   return program_lib.Scratch()
 
 
@@ -234,6 +236,8 @@ def _run(prepared, workdir, dry_run, target) -> dict:
         if latest >= config.train.steps:
           print(f"[lcjax] the run is complete (train.steps={config.train.steps}); raise "
                 "--config.train.steps to train further")
+      if config.outer.kind == "dipaco":  # the router is an artifact of the run
+        routing.save_router(datasets.router, workdir / "router.safetensors")
       # Only now, with the state restored, are the records past its step dropped.
       writer = metrics_lib.MetricsWriter(workdir, keep_through=start if resumed else start - 1)
       writer.write(start, _start_record(program, model_cfg, config, compiled, state, peak))

@@ -98,7 +98,7 @@ def test_a_section_given_a_value_is_refused():
      r"model\.mlp_chunks \(512\) exceeds .*train\.seq_len"),
     (lambda c: c.mesh.update(fsdp=0), r"mesh\.fsdp must be >= 1"),
     (lambda c: c.optim.update(update_on="gpu"), r"optim\.update_on must be .*'gpu'"),
-    (lambda c: c.outer.update(kind="dipaco"), r"outer\.kind must be none or diloco; got 'dipaco'"),
+    (lambda c: c.outer.update(kind="dilico"), r"outer\.kind must be none, diloco or dipaco; got 'dilico'"),
     (lambda c: c.outer.update(init_from="/some/run"), r"outer\.init_from .*outer\.kind='diloco'"),
 ])
 def test_bad_values_name_their_key(update, message):

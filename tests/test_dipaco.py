@@ -207,10 +207,20 @@ def test_a_flat_moe_sends_nothing_and_2x2_sends_less_than_diloco(tmp_path):
     (dict(modules="2", private="level1"), r"outer.private: unknown parts \['level1'\]"),
     (dict(modules="2", private="head"), r"the head is the embedding"),
     (dict(routing="nearest"), r"outer.routing must be"),
+    (dict(routing="kmeans"), r"set outer.base_from to a plain run's workdir"),
+    (dict(modules="4", routing="product_kmeans", base_from="/tmp/x"), r"needs a 2-level grid"),
+    (dict(routing="kmeans", base_from="/tmp/x", route_prefix=32),
+     r"outer.route_prefix must be in \[1, train.seq_len=32\)"),
+    (dict(init_from="/tmp/x"), r"set it instead of outer.init_from"),
 ])
 def test_bad_dipaco_config_stops_at_validation(update, message):
   with pytest.raises(ValueError, match=message):
     config_lib.validate(_tiny_outer("dipaco", **update))
+
+
+def test_base_from_is_dipacos():
+  with pytest.raises(ValueError, match=r"outer.base_from starts DiPaCo's modules"):
+    config_lib.validate(_tiny_outer("diloco", base_from="/tmp/x"))
 
 
 def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation):
@@ -266,7 +276,7 @@ def test_product_kmeans_pairs_the_clusters_of_each_half():
   centers = np.array([np.concatenate([h0, h1]) for h0 in halves[0] for h1 in halves[1]])
   x, truth = _blobs(1, centers, per=20)  # blob 3a+b: cluster a of the first half, b of the second
   cents = routing.product_kmeans(x, (2, 3), seed=5)
-  paths_of = routing.product_nearest(x, cents)[:, 0]
+  paths_of = np.argmax(routing.product_scores(x, cents), axis=1)
   first = routing.nearest(x[:, :2], cents[0])[:, 0]
   second = routing.nearest(x[:, 2:], cents[1])[:, 0]
   np.testing.assert_array_equal(paths_of, first * 3 + second)
@@ -300,3 +310,36 @@ def test_sampling_a_dipaco_workdir_runs_the_prompts_path(tmp_path, capsys):
   path = routing.route_text(config_lib.validate(c), "def f")
   assert text.startswith("def f")
   assert f"routed to path {path} of 4" in capsys.readouterr().err
+
+
+def test_kmeans_routing_from_a_base_run(tmp_path):
+  """A plain base run; DiPaCo 2x2 routed by k-means and by product k-means of the base model's
+  prefix features: the router is saved (safetensors, with its inputs), every path has a shard,
+  and every module starts from the base run's parameters."""
+  from safetensors.numpy import load_file
+  from safetensors import safe_open
+  base = tiny_config()
+  base.model.num_levels = 2  # the same model (its blocks grouped in the grid's 2 levels)
+  base.train.update(steps=2, eval_every=2, batch_size=8)
+  train_and_evaluate(base, tmp_path / "base")
+  for routing_kind in ("kmeans", "product_kmeans"):
+    c = _tiny_outer("dipaco", modules="2x2", routing=routing_kind, route_prefix=16,
+                    base_from=str(tmp_path / "base"))
+    c.model.num_levels = 2
+    c.train.update(steps=3, eval_every=3)
+    run = tmp_path / routing_kind
+    train_and_evaluate(c, run)
+    arrays = load_file(str(run / "router.safetensors"))
+    with safe_open(str(run / "router.safetensors"), "np") as f:
+      info = f.metadata()
+    assert info["routing"] == routing_kind and info["base_step"] == "2"
+    assert info["route_prefix"] == "16"
+    shapes = {k: v.shape for k, v in arrays.items()}
+    assert shapes == ({"centroids": (4, 32), "bias": (4,)} if routing_kind == "kmeans" else
+                      {"centroids0": (2, 16), "centroids1": (2, 16), "bias": (4,)})
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    start = records[0]
+    assert start["step"] == 2  # it goes on from the base run's step
+    tokens = start["outer/shard_tokens"]
+    assert len(tokens) == 4 and min(tokens) > 0
+    assert any("eval/loss" in r for r in records)

@@ -3,6 +3,13 @@
 Routing is once per document, offline, before training (the paper's coarse routing):
   uniform   a seeded hash of the document's text, modulo P (near-equal shards; with P = 1
             the one shard is the unsharded stream DiLoCo reads)
+  kmeans    the nearest of P k-means centroids of the documents' features (features.py: a
+            base model's mean last hidden state over the first outer.route_prefix tokens)
+  product_kmeans  for a 2-level grid K1 x K2: K1 clusters of the feature's first half, K2 of
+            its second; the path is the pair of nearest centroids
+Both add a bias per path to minus the squared distances (`balance_bias`), so that no path is
+left without train documents: a cell nothing is nearest to takes the documents that lose
+least by going there.
 
 Path p's shard is packed and shuffled like the whole corpus is without DiPaCo
 (data.PackedSequences, the run's seed), and read by p's islands: a step's global batch is the
@@ -14,6 +21,7 @@ its own path.
 import dataclasses
 import zlib
 
+import jax
 import numpy as np
 
 from lcjax.data import Datasets, PackedSequences, load_documents, make_tokenizer
@@ -83,14 +91,13 @@ def product_kmeans(x: np.ndarray, modules: tuple, seed: int) -> list[np.ndarray]
   return [kmeans(x[:, :half], modules[0], seed), kmeans(x[:, half:], modules[1], seed + 1)]
 
 
-def product_nearest(x: np.ndarray, centroids: list, top: int = 1) -> np.ndarray:
-  """[N, top] paths of product k-means, nearest first (cells ranked by summed squared
-  distance of the two halves)."""
+def product_scores(x: np.ndarray, centroids: list) -> np.ndarray:
+  """[N, K1 * K2] minus the squared distance of each row to each cell of product k-means (the
+  two halves' distances summed; cell a * K2 + b)."""
   half = x.shape[1] // 2
   a = _sq_distances(np.asarray(x[:, :half], np.float64), centroids[0])
   b = _sq_distances(np.asarray(x[:, half:], np.float64), centroids[1])
-  cells = (a[:, :, None] + b[:, None, :]).reshape(len(x), -1)
-  return np.argsort(cells, axis=1, kind="stable")[:, :top]
+  return -(a[:, :, None] + b[:, None, :]).reshape(len(x), -1)
 
 
 def fit_logistic(x: np.ndarray, labels: np.ndarray, num_paths: int, *, l2: float = 1e-3,
@@ -142,6 +149,7 @@ class PathDatasets:
   paths: list            # Datasets per path: its train shard and its held-out documents
   whole: Datasets        # every document, unsharded (the corpus statistics)
   shard_documents: list  # train documents routed to each path
+  router: tuple          # (arrays, info) of the router (`save_router`)
 
   @property
   def num_paths(self) -> int:
@@ -163,6 +171,9 @@ class PathDatasets:
     return {f: np.concatenate([b[f] for b in parts]) for f in parts[0]}
 
   def eval_batches(self, batch_size: int, max_batches: int, path: int = 0):
+    """Path `path`'s held-out batches (none when no held-out document is routed to it)."""
+    if self.paths[path].eval is None:
+      return iter(())
     return self.paths[path].eval_batches(batch_size, max_batches)
 
   def unigram_entropy(self) -> float:
@@ -171,23 +182,60 @@ class PathDatasets:
   def describe(self) -> dict:
     return {"data/shard_tokens": self.shard_tokens,
             "data/shard_documents": self.shard_documents,
-            "data/eval_shard_tokens": [d.eval.num_pairs for d in self.paths]}
+            "data/eval_shard_tokens": [d.eval.num_pairs if d.eval else 0 for d in self.paths]}
+
+
+def route(config, train_tokens, eval_tokens, train_docs, eval_docs, tokenizer):
+  """(train paths [N], held-out paths [M], router): every document's path under
+  outer.routing, and the router's arrays and inputs (saved with the run: `save_router`)."""
+  from lcjax.outer import paths as paths_lib
+  o, seed = config.outer, config.train.seed
+  grid = paths_lib.grid_of(config)
+  info = {"routing": o.routing, "seed": str(seed), "paths": str(grid.num_paths)}
+  if o.routing == "uniform":
+    return uniform(train_docs, grid.num_paths, seed), uniform(eval_docs, grid.num_paths, seed), \
+        ({}, info)
+  from lcjax.model import ModelConfig
+  from lcjax.outer import features as features_lib
+  model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
+  mesh = features_lib.local_mesh()
+  with jax.set_mesh(mesh):
+    step, params = features_lib.base_params(config, model_cfg, mesh)
+    feats = [features_lib.prefix_features(model_cfg, params, mesh, docs, o.route_prefix,
+                                          tokenizer.bos_id, tokenizer.pad_id)
+             for docs in (train_tokens, eval_tokens)]
+  info.update(base_from=str(o.base_from), base_step=str(step), route_prefix=str(o.route_prefix))
+  if o.routing == "kmeans":
+    arrays = {"centroids": kmeans(feats[0], grid.num_paths, seed)}
+    scores = [-_sq_distances(np.asarray(f, np.float64), arrays["centroids"]) for f in feats]
+  else:  # product_kmeans: a 2-level grid
+    centroids = product_kmeans(feats[0], grid.modules, seed)
+    arrays = {f"centroids{i}": c for i, c in enumerate(centroids)}
+    scores = [product_scores(f, centroids) for f in feats]
+  # A cell no train document is nearest to would leave its path without data: the bias makes
+  # every path the first choice of at least one (balance_bias), and routes held-out ones alike.
+  arrays["bias"] = balance_bias(scores[0], 1)
+  train_paths, eval_paths = (np.argmax(sc + arrays["bias"], axis=1) for sc in scores)
+  return train_paths, eval_paths, ({k: v.astype(np.float32) for k, v in arrays.items()}, info)
+
+
+def save_router(router, path):
+  """The router's arrays and inputs as safetensors (no pickle)."""
+  from safetensors.numpy import save_file
+  arrays, info = router
+  save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()} or
+            {"none": np.zeros(0, np.float32)}, str(path), metadata=info)
 
 
 def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   """The path shards of a DiPaCo run's data (outer.routing)."""
-  from lcjax.outer import paths as paths_lib
-  o = config.outer
-  num_paths = paths_lib.PathGrid(paths_lib.parse_modules(o.modules, config.model.num_levels)
-                                 ).num_paths
   tokenizer = make_tokenizer(config.data)
   train_docs, eval_docs = load_documents(config.data)
   train_tokens = [tokenizer.encode(d) for d in train_docs]
   eval_tokens = [tokenizer.encode(d) for d in eval_docs]
-  if o.routing != "uniform":
-    raise ValueError(f"outer.routing={o.routing!r} is not available; use 'uniform'")
-  train_paths = uniform(train_docs, num_paths, seed)
-  eval_paths = uniform(eval_docs, num_paths, seed)
+  train_paths, eval_paths, router = route(config, train_tokens, eval_tokens, train_docs,
+                                          eval_docs, tokenizer)
+  num_paths = int(router[1]["paths"])
   special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def pack(docs, shuffle):
@@ -197,10 +245,12 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   for p in range(num_paths):
     train = [t for t, q in zip(train_tokens, train_paths) if q == p]
     held = [t for t, q in zip(eval_tokens, eval_paths) if q == p]
-    if not train or not held:
-      raise ValueError(f"path {p} has {len(train)} train and {len(held)} held-out documents; "
-                       "every path needs both: use fewer paths (outer.modules) or more data")
-    shards.append(Datasets(tokenizer, pack(train, True), pack(held, False), layout))
+    if not train:
+      raise ValueError(f"outer.routing={config.outer.routing!r} routes no train document to "
+                       f"path {p}; every path needs a shard: use fewer paths (outer.modules) or "
+                       "more data (data.max_documents)")
+    shards.append(Datasets(tokenizer, pack(train, True), pack(held, False) if held else None,
+                           layout))
   whole = Datasets(tokenizer, pack(train_tokens, True), pack(eval_tokens, False), layout)
   return PathDatasets(tokenizer, shards, whole,
-                      [int(np.sum(train_paths == p)) for p in range(num_paths)])
+                      [int(np.sum(train_paths == p)) for p in range(num_paths)], router)
