@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.private = ""            # dipaco: parts each path keeps to itself: embed, head, level<i>
   c.outer.routing = "uniform"     # dipaco: how documents are routed to paths (outer/routing.py):
                                   # uniform | kmeans | product_kmeans (a 2-level grid)
+  c.outer.overlap = 1             # dipaco: each train document goes to its n best paths' shards
   c.outer.route_prefix = 32       # dipaco: tokens of a document its routing feature reads
   c.outer.base_from = ""          # dipaco: workdir of a plain run (same model): its checkpoint
                                   # (outer.init_step, 0 = latest) starts every module, and its
@@ -218,6 +219,8 @@ def _check_dipaco(full):
   _require(u.routing != "product_kmeans" or len(grid.modules) == 2, "outer.routing="
            f"'product_kmeans' pairs two clusterings: it needs a 2-level grid; got "
            f"outer.modules={u.modules!r}")
+  _require(1 <= u.overlap <= grid.num_paths, f"outer.overlap must be in [1, P={grid.num_paths}] "
+           f"(the shards each train document joins); got {u.overlap}")
   _require(u.routing == "uniform" or 1 <= u.route_prefix < full.train.seq_len,
            f"outer.route_prefix must be in [1, train.seq_len={full.train.seq_len}) for "
            f"outer.routing={u.routing!r}; got {u.route_prefix}")

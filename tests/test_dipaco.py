@@ -212,6 +212,7 @@ def test_a_flat_moe_sends_nothing_and_2x2_sends_less_than_diloco(tmp_path):
     (dict(routing="kmeans", base_from="/tmp/x", route_prefix=32),
      r"outer.route_prefix must be in \[1, train.seq_len=32\)"),
     (dict(init_from="/tmp/x"), r"set it instead of outer.init_from"),
+    (dict(modules="2", overlap=3), r"outer.overlap must be in \[1, P=2\]"),
 ])
 def test_bad_dipaco_config_stops_at_validation(update, message):
   with pytest.raises(ValueError, match=message):
@@ -343,3 +344,19 @@ def test_kmeans_routing_from_a_base_run(tmp_path):
     tokens = start["outer/shard_tokens"]
     assert len(tokens) == 4 and min(tokens) > 0
     assert any("eval/loss" in r for r in records)
+
+
+def test_overlap_puts_each_train_document_in_two_shards_and_evaluates_it_in_one():
+  c = config_lib.validate(_tiny_outer("dipaco", modules="4", overlap=2))
+  one = routing.build(config_lib.validate(_tiny_outer("dipaco", modules="4")), 32, 0)
+  two = routing.build(c, 32, 0)
+  n = sum(one.shard_documents)
+  assert sum(two.shard_documents) == 2 * n  # each train document in two shards
+  assert [d.eval.num_pairs for d in two.paths] == [d.eval.num_pairs for d in one.paths]
+  # the second shard of a document is the next path after its own
+  texts = [f"doc {i}" for i in range(50)]
+  scores = routing._uniform_scores(texts, 4, 0)
+  first = routing.uniform(texts, 4, 0)
+  ranked = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+  np.testing.assert_array_equal(ranked[:, 0], first)
+  np.testing.assert_array_equal(ranked[:, 1], (first + 1) % 4)

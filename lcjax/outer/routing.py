@@ -1,6 +1,8 @@
 """DiPaCo's data: every document routed to a path, each path reading its own shard.
 
-Routing is once per document, offline, before training (the paper's coarse routing):
+Routing is once per document, offline, before training (the paper's coarse routing); with
+outer.overlap = n every train document goes to its n best paths' shards (held-out ones to the
+best only):
   uniform   a seeded hash of the document's text, modulo P (near-equal shards; with P = 1
             the one shard is the unsharded stream DiLoCo reads)
   kmeans    the nearest of P k-means centroids of the documents' features (features.py: a
@@ -185,16 +187,24 @@ class PathDatasets:
             "data/eval_shard_tokens": [d.eval.num_pairs if d.eval else 0 for d in self.paths]}
 
 
+def _uniform_scores(texts, num_paths, seed):
+  """[N, P] scores ranking the hashed path first, then the next ones in order (overlap)."""
+  first = uniform(texts, num_paths, seed)
+  return -((np.arange(num_paths)[None] - first[:, None]) % num_paths).astype(np.float64)
+
+
 def route(config, train_tokens, eval_tokens, train_docs, eval_docs, tokenizer):
-  """(train paths [N], held-out paths [M], router): every document's path under
-  outer.routing, and the router's arrays and inputs (saved with the run: `save_router`)."""
+  """(train scores [N, P], held-out scores [M, P], router): how strongly each document is
+  routed to each path under outer.routing (a document goes to its best path, a train document
+  with outer.overlap = n to its n best), and the router's arrays and inputs (`save_router`)."""
   from lcjax.outer import paths as paths_lib
   o, seed = config.outer, config.train.seed
   grid = paths_lib.grid_of(config)
-  info = {"routing": o.routing, "seed": str(seed), "paths": str(grid.num_paths)}
+  info = {"routing": o.routing, "seed": str(seed), "paths": str(grid.num_paths),
+          "overlap": str(o.overlap)}
   if o.routing == "uniform":
-    return uniform(train_docs, grid.num_paths, seed), uniform(eval_docs, grid.num_paths, seed), \
-        ({}, info)
+    return (_uniform_scores(train_docs, grid.num_paths, seed),
+            _uniform_scores(eval_docs, grid.num_paths, seed), ({}, info))
   from lcjax.model import ModelConfig
   from lcjax.outer import features as features_lib
   model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
@@ -215,8 +225,8 @@ def route(config, train_tokens, eval_tokens, train_docs, eval_docs, tokenizer):
   # A cell no train document is nearest to would leave its path without data: the bias makes
   # every path the first choice of at least one (balance_bias), and routes held-out ones alike.
   arrays["bias"] = balance_bias(scores[0], 1)
-  train_paths, eval_paths = (np.argmax(sc + arrays["bias"], axis=1) for sc in scores)
-  return train_paths, eval_paths, ({k: v.astype(np.float32) for k, v in arrays.items()}, info)
+  return (scores[0] + arrays["bias"], scores[1] + arrays["bias"],
+          ({k: v.astype(np.float32) for k, v in arrays.items()}, info))
 
 
 def save_router(router, path):
@@ -233,9 +243,12 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   train_docs, eval_docs = load_documents(config.data)
   train_tokens = [tokenizer.encode(d) for d in train_docs]
   eval_tokens = [tokenizer.encode(d) for d in eval_docs]
-  train_paths, eval_paths, router = route(config, train_tokens, eval_tokens, train_docs,
-                                          eval_docs, tokenizer)
-  num_paths = int(router[1]["paths"])
+  train_scores, eval_scores, router = route(config, train_tokens, eval_tokens, train_docs,
+                                            eval_docs, tokenizer)
+  num_paths = train_scores.shape[1]
+  # stable ranks: ties go to the lower path
+  train_paths = np.argsort(-train_scores, axis=1, kind="stable")[:, :config.outer.overlap]
+  eval_paths = np.argmax(eval_scores, axis=1)
   special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def pack(docs, shuffle):
@@ -243,7 +256,7 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
 
   shards = []
   for p in range(num_paths):
-    train = [t for t, q in zip(train_tokens, train_paths) if q == p]
+    train = [t for t, q in zip(train_tokens, train_paths) if p in q]
     held = [t for t, q in zip(eval_tokens, eval_paths) if q == p]
     if not train:
       raise ValueError(f"outer.routing={config.outer.routing!r} routes no train document to "
