@@ -22,6 +22,9 @@ import orbax.checkpoint as ocp
 DATA_STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.eval_fraction",
                     "data.text_field", "data.tokenizer", "data.tokenizer_path",
                     "data.max_documents", "train.seed", "train.seq_len", "train.batch_size")
+# DiPaCo's routing decides which documents each path reads: part of its data stream.
+ROUTING_KEYS = ("outer.modules", "outer.routing", "outer.overlap", "outer.route_prefix",
+                "outer.base_from")
 # The config sections that shape the saved state (named when the saved tree differs).
 _STATE_SECTIONS = ("model", "optim", "outer", "mesh.replica")
 
@@ -143,7 +146,8 @@ class Checkpointer:
     saved = self._saved_config()
     data_keys = sorted(k for k in set(_flat(saved)) | set(_flat(self.config_dict))
                        if k.startswith("data."))
-    for key in dict.fromkeys(DATA_STREAM_KEYS + tuple(data_keys)):
+    routing = ROUTING_KEYS if self.config_dict["outer"]["kind"] == "dipaco" else ()
+    for key in dict.fromkeys(DATA_STREAM_KEYS + routing + tuple(data_keys)):
       if _lookup(saved, key) != _lookup(self.config_dict, key):
         raise ValueError(
             f"--workdir={self.workdir} holds a run with {key}={_lookup(saved, key)!r}, but this "

@@ -238,6 +238,10 @@ def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation):
   disarm()
   train_and_evaluate(c, resumed)
   assert read_losses(resumed) == read_losses(straight)
+  other_routing = _tiny_outer("dipaco", modules="2x2", overlap=2)
+  other_routing.model.num_levels = 2
+  with pytest.raises(ValueError, match=r"holds a run with outer.overlap=1, but this config has 2"):
+    train_and_evaluate(other_routing, resumed)  # another routing: other documents per path
   records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
   start = records[0]
   assert start["outer/paths"] == 4 and start["outer/modules"] == "2x2"
