@@ -281,3 +281,21 @@ def test_the_inventory_is_large_and_documented():
   assert len(CASES) >= 50
   missing = [name for name in CASES if f"`{name}`" not in doc]
   assert not missing, f"docs/reliability.md lacks {missing}"
+
+
+def test_cli_run_reports_what_a_user_can_cause_and_keeps_bugs(capsys):
+  """The workdir cases the inventory cannot stage as root (permissions) take the same path."""
+  from lcjax import cli
+
+  def raising(error):
+    def body(argv):
+      raise error
+    return body
+
+  assert cli.run(raising(PermissionError(13, "Permission denied", "/runs/x")), ["lcjax"]) == 1
+  assert capsys.readouterr().err == "lcjax: error: /runs/x: Permission denied\n"
+  assert cli.run(raising(KeyboardInterrupt()), ["lcjax"]) == 130
+  assert capsys.readouterr().err == "lcjax: interrupted\n"
+  assert cli.run(raising(cli.Stop("lcjax: stopped", 75)), ["lcjax"]) == 75
+  with pytest.raises(TypeError):  # a bug keeps its traceback
+    cli.run(raising(TypeError("bug")), ["lcjax"])
