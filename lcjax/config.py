@@ -133,6 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = "bytes"      # bytes | hf (local tokenizer.json) | sentencepiece (local .model)
   c.data.tokenizer_path = ""      # path of the tokenizer file for hf/sentencepiece
   c.data.max_documents = 0        # use only the first N documents of each split; 0 = all
+  c.data.eval_skip_prefix = 0     # held-out loss leaves out each document's first N targets
+                                  # (DiPaCo's routing prefix: score every model after it)
   return c
 
 
@@ -224,6 +226,11 @@ def _check_dipaco(full):
   _require(u.routing == "uniform" or 1 <= u.route_prefix < full.train.seq_len,
            f"outer.route_prefix must be in [1, train.seq_len={full.train.seq_len}) for "
            f"outer.routing={u.routing!r}; got {u.route_prefix}")
+  _require(u.routing == "uniform" or full.data.eval_skip_prefix >= u.route_prefix,
+           f"outer.routing={u.routing!r} reads the first outer.route_prefix={u.route_prefix} "
+           "tokens of every held-out document: set data.eval_skip_prefix="
+           f"{u.route_prefix} (and the same in the runs it is compared with) so they are not "
+           "scored")
 
 
 def _check_cudnn(full):
@@ -355,6 +362,8 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1); got {d.eval_fraction}")
   _require(d.max_documents >= 0, f"data.max_documents must be >= 0 (0 = all); got "
            f"{d.max_documents}")
+  _require(d.eval_skip_prefix >= 0, f"data.eval_skip_prefix must be >= 0 (0 = score every "
+           f"held-out target); got {d.eval_skip_prefix}")
   for axis in MESH_AXES:
     _require(full.mesh[axis] >= 1 or (axis == "data" and full.mesh[axis] == -1),
              f"mesh.{axis} must be >= 1 (mesh.data may be -1: fill); got {full.mesh[axis]}")

@@ -213,6 +213,9 @@ def test_a_flat_moe_sends_nothing_and_2x2_sends_less_than_diloco(tmp_path):
      r"outer.route_prefix must be in \[1, train.seq_len=32\)"),
     (dict(init_from="/tmp/x"), r"set it instead of outer.init_from"),
     (dict(modules="2", overlap=3), r"outer.overlap must be in \[1, P=2\]"),
+    (dict(routing="kmeans", base_from="/tmp/x", route_prefix=8),
+     r"reads the first outer.route_prefix=8 tokens of every held-out document: set "
+     r"data.eval_skip_prefix=8"),
 ])
 def test_bad_dipaco_config_stops_at_validation(update, message):
   with pytest.raises(ValueError, match=message):
@@ -330,6 +333,7 @@ def test_kmeans_routing_from_a_base_run(tmp_path):
   for routing_kind in ("kmeans", "product_kmeans"):
     c = _tiny_outer("dipaco", modules="2x2", routing=routing_kind, route_prefix=16,
                     base_from=str(tmp_path / "base"))
+    c.data.eval_skip_prefix = 16
     c.model.num_levels = 2
     c.train.update(steps=3, eval_every=3)
     run = tmp_path / routing_kind
@@ -364,3 +368,19 @@ def test_overlap_puts_each_train_document_in_two_shards_and_evaluates_it_in_one(
   ranked = np.argsort(-scores, axis=1, kind="stable")[:, :2]
   np.testing.assert_array_equal(ranked[:, 0], first)
   np.testing.assert_array_equal(ranked[:, 1], (first + 1) % 4)
+
+
+def test_eval_skip_prefix_leaves_each_documents_first_targets_unscored():
+  from lcjax.data import PackedSequences
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(3, 50, size=n).astype(np.int32) for n in (3, 20, 7, 41)]
+  special = dict(bos_id=1, eos_id=2, pad_id=0, seed=0, shuffle=False)
+  for skip in (0, 5):
+    packed = PackedSequences(docs, 16, skip_prefix=skip, **special)  # documents span sequences
+    scored = sum(int(packed.sequence(g)["loss_mask"].sum()) for g in range(packed.num_sequences))
+    assert scored == sum(max(0, len(d) + 1 - skip) for d in docs)
+  first = PackedSequences(docs, 16, skip_prefix=5, **special).sequence(0)
+  # document 0 (4 targets) is wholly unscored, document 1 from its 6th target on
+  np.testing.assert_array_equal(first["loss_mask"][:4], 0)
+  np.testing.assert_array_equal(first["loss_mask"][4:9], 0)
+  np.testing.assert_array_equal(first["loss_mask"][9:16], 1)

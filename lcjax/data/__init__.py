@@ -58,5 +58,5 @@ def build(data_config, seq_len: int, seed: int, layout: np.ndarray | None = None
   train = PackedSequences([tokenizer.encode(d) for d in train_docs], seq_len, seed=seed,
                           shuffle=True, **special)
   held_out = PackedSequences([tokenizer.encode(d) for d in eval_docs], seq_len, seed=seed,
-                             shuffle=False, **special)
+                             shuffle=False, skip_prefix=data_config.eval_skip_prefix, **special)
   return Datasets(tokenizer, train, held_out, layout)

@@ -16,8 +16,11 @@ FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 class PackedSequences:
   def __init__(self, token_docs: list[np.ndarray], seq_len: int, *, bos_id: int, eos_id: int,
-               pad_id: int, seed: int, shuffle: bool):
+               pad_id: int, seed: int, shuffle: bool, skip_prefix: int = 0):
+    """skip_prefix: the first `skip_prefix` targets of every document are not scored (loss
+    mask 0), e.g. the tokens a DiPaCo router read."""
     self.seq_len, self.pad_id, self.seed, self.shuffle = seq_len, pad_id, seed, shuffle
+    self.skip_prefix = skip_prefix
     lengths = np.array([len(d) + 2 for d in token_docs], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     self._tokens = np.empty(int(lengths.sum()), np.int32)
@@ -65,7 +68,7 @@ class PackedSequences:
       out["targets"][dst] = self._tokens[src + 1:src + 1 + take]
       out["positions"][dst] = np.arange(take)
       out["segment_ids"][dst] = segment
-      out["loss_mask"][dst] = 1
+      out["loss_mask"][dst] = np.arange(pos - doc_lo, pos - doc_lo + take) >= self.skip_prefix
       pos += take
       i += 1
     return out

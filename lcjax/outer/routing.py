@@ -251,8 +251,9 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   eval_paths = np.argmax(eval_scores, axis=1)
   special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
-  def pack(docs, shuffle):
-    return PackedSequences(docs, seq_len, seed=seed, shuffle=shuffle, **special)
+  def pack(docs, shuffle):  # held-out (unshuffled) documents are scored after the prefix
+    skip = 0 if shuffle else config.data.eval_skip_prefix
+    return PackedSequences(docs, seq_len, seed=seed, shuffle=shuffle, skip_prefix=skip, **special)
 
   shards = []
   for p in range(num_paths):
