@@ -227,9 +227,10 @@ def test_base_from_is_dipacos():
     config_lib.validate(_tiny_outer("diloco", base_from="/tmp/x"))
 
 
-def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation):
+def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation, capsys):
   """2x2 paths, H=2, checkpoints at 3 (mid-round) and 6: a run killed at its second evaluation
-  resumes from step 3 and logs the uninterrupted run's losses, per path and routed eval."""
+  resumes from step 3 and logs the uninterrupted run's losses, per path and routed eval; a
+  changed routing is refused; sampling the run routes the prompt and runs its path."""
   c = _tiny_outer("dipaco", modules="2x2")
   c.model.num_levels = 2
   c.checkpoint.every = 3
@@ -245,6 +246,11 @@ def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation):
   other_routing.model.num_levels = 2
   with pytest.raises(ValueError, match=r"holds a run with outer.overlap=1, but this config has 2"):
     train_and_evaluate(other_routing, resumed)  # another routing: other documents per path
+  from lcjax import sample
+  text = sample.sample_from_workdir(straight, "def f", 4, temperature=0.0)
+  assert text.startswith("def f")
+  path = routing.route_text(config_lib.validate(c), "def f")
+  assert f"routed to path {path} of 4" in capsys.readouterr().err
   records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
   start = records[0]
   assert start["outer/paths"] == 4 and start["outer/modules"] == "2x2"
@@ -306,18 +312,6 @@ def test_logistic_router_learns_labels_and_its_bias_leaves_no_shard_empty():
     bias = routing.balance_bias(logits, min_docs)
     counts = np.bincount(np.argmax(logits + bias, axis=1), minlength=4)
     assert counts.min() >= min_docs and counts.sum() == 50
-
-
-def test_sampling_a_dipaco_workdir_runs_the_prompts_path(tmp_path, capsys):
-  from lcjax import sample
-  c = _tiny_outer("dipaco", modules="2x2")
-  c.model.num_levels = 2
-  c.train.update(steps=2, eval_every=2)
-  train_and_evaluate(c, tmp_path / "run")
-  text = sample.sample_from_workdir(tmp_path / "run", "def f", 4, temperature=0.0)
-  path = routing.route_text(config_lib.validate(c), "def f")
-  assert text.startswith("def f")
-  assert f"routed to path {path} of 4" in capsys.readouterr().err
 
 
 def test_kmeans_routing_from_a_base_run(tmp_path):
