@@ -378,3 +378,20 @@ def test_eval_skip_prefix_leaves_each_documents_first_targets_unscored():
   np.testing.assert_array_equal(first["loss_mask"][:4], 0)
   np.testing.assert_array_equal(first["loss_mask"][4:9], 0)
   np.testing.assert_array_equal(first["loss_mask"][9:16], 1)
+
+
+def test_paths_compose_with_ring_attention_and_offload_inside_the_islands(tmp_path):
+  """2x2 paths with ring attention (ring 2) and offloaded AdamW state inside every island
+  train as with neither."""
+  losses = {}
+  for name in ("plain", "ring_offload"):
+    c = _tiny_outer("dipaco", modules="2x2")
+    c.model.num_levels = 2
+    c.train.update(steps=4, eval_every=4)
+    if name == "ring_offload":
+      c.mesh.update(data=1, ring=2)
+      c.optim.update(offload=True, subgroup_mb=0.01)
+    train_and_evaluate(c, tmp_path / name)
+    losses[name] = read_losses(tmp_path / name)
+  np.testing.assert_allclose(list(losses["ring_offload"].values()),
+                             list(losses["plain"].values()), rtol=1e-4)
