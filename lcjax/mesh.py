@@ -50,10 +50,17 @@ def mesh_shape(mesh_config, device_count: int) -> dict:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """The mesh over `devices`, laid on their physical topology (jax.make_mesh). An axis size that
+  is no product of whole physical axes (2 on a 4x4x4 TPU slice) splits a physical axis."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                       devices=devices)
+  shape, types = tuple(sizes[a] for a in AXES), (AxisType.Auto,) * len(AXES)
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+  except NotImplementedError:  # "Failed to find assignment for logical_axis_index ..."
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, AXES, axis_types=types)
 
 
 def _mesh_axes_for(name, mesh):

@@ -400,3 +400,15 @@ def test_a_step_that_exceeds_the_target_memory_does_not_fit(tmp_path):
   config = fit.with_overrides(config, {"train.seq_len": 262144})
   with pytest.raises(ValueError, match=r"tpu:v5e:2x2: the step does not fit: .*HBM.*scripts/fit.py"):
     train.train_and_evaluate(config, tmp_path / "run", dry_run=True, target="tpu:v5e:2x2")
+
+
+@needs_libtpu
+def test_a_mesh_axis_that_splits_a_physical_axis_of_a_pod():
+  """v5p:4x4x4 is 4 x 4 x 4 chips: ring 32 x ulysses 2 needs an axis of 2, no product of whole
+  physical axes; the mesh splits one (scripts/plan.py compiles such splits)."""
+  import ml_collections
+  devices = targets.parse("tpu:v5p:4x4x4").devices()
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(
+      dict(replica=1, data=1, fsdp=1, ring=32, ulysses=2, tensor=1)), devices)
+  assert dict(mesh.shape)["ulysses"] == 2 and dict(mesh.shape)["ring"] == 32
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
