@@ -110,8 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.nesterov = True         # sgd: Nesterov momentum
   c.outer.compression = "float32"  # outer gradient on the wire: float32 | bfloat16 | int8 | int4
   c.outer.drop_replicas = ""      # fault drill: "r@k,..." leaves island r out of outer step k (1-based)
-  c.outer.init_from = ""          # workdir of a plain run (same model and data): its latest checkpoint
-                                  # starts every island and theta, and the run goes on from its step
+  c.outer.init_from = ""          # workdir of a plain run (same model): its latest checkpoint starts
+                                  # this run (without an outer loop: the model and its optimizer;
+                                  # DiLoCo: every island and theta), which goes on from its step
   c.outer.init_step = 0           # the checkpoint step of init_from to start from; 0 = its latest
   c.outer.modules = "1"           # dipaco: modules per level, "K1xK2x..." (one factor per
                                   # model.num_levels); their product is the number of paths P
@@ -184,8 +185,6 @@ def _check_outer(full):
            "routes its documents; it needs outer.kind='dipaco' (DiLoCo starts from "
            "outer.init_from)")
   if u.kind == "none":
-    _require(not u.init_from, "outer.init_from starts DiLoCo islands from a plain run; it needs "
-             "outer.kind='diloco'")
     return
   if u.kind == "dipaco":
     _check_dipaco(full)

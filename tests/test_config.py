@@ -99,7 +99,7 @@ def test_a_section_given_a_value_is_refused():
     (lambda c: c.mesh.update(fsdp=0), r"mesh\.fsdp must be >= 1"),
     (lambda c: c.optim.update(update_on="gpu"), r"optim\.update_on must be .*'gpu'"),
     (lambda c: c.outer.update(kind="dilico"), r"outer\.kind must be none, diloco or dipaco; got 'dilico'"),
-    (lambda c: c.outer.update(init_from="/some/run"), r"outer\.init_from .*outer\.kind='diloco'"),
+    (lambda c: c.outer.update(base_from="/some/run"), r"outer\.base_from starts DiPaCo's modules"),
 ])
 def test_bad_values_name_their_key(update, message):
   c = config_lib.base_config()

@@ -328,11 +328,7 @@ def test_islands_start_from_a_plain_run(tmp_path):
   assert [r["outer/step"] for r in records if "train/loss" in r] == [0, 1]
 
 
-def test_init_from_needs_diloco_and_a_checkpoint(tmp_path):
-  c = tiny_config()
-  c.outer.init_from = str(tmp_path)
-  with pytest.raises(ValueError, match="needs outer.kind='diloco'"):
-    config_lib.validate(c)
+def test_init_from_needs_a_checkpoint_and_starts_a_plain_run_too(tmp_path):
   with pytest.raises(ValueError, match="holds no checkpoint"):
     train_and_evaluate(_diloco_config(init_from=str(tmp_path / "missing")), tmp_path / "run")
   plain = tiny_config()
@@ -342,3 +338,9 @@ def test_init_from_needs_diloco_and_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match=r"no checkpoint of step 2 .*\[3\]"):
     train_and_evaluate(_diloco_config(init_from=str(tmp_path / "plain"), init_step=2),
                        tmp_path / "run2")
+  longer = tiny_config()  # a plain run from another plain run's checkpoint (the resume hint)
+  longer.mesh.update(data=8, fsdp=1)
+  longer.train.update(steps=4, seq_len=64)
+  longer.outer.init_from = str(tmp_path / "plain")
+  train_and_evaluate(longer, tmp_path / "longer")
+  assert list(_losses(tmp_path / "longer")) == [4]  # it went on from the plain run's step 3
