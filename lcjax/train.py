@@ -332,7 +332,14 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
       bar.update(1)
   finally:  # before any stop line: the bar is not redrawn after it
     bar.close()
-  return {**last, "params": program.model_params(state)}
+  return {**last, "params": _sample_params(program, state, config)}
+
+
+def _sample_params(program, state, config):
+  """The parameters the end-of-run sample uses: DiPaCo's are the sample prompt's path."""
+  if program.num_paths == 1 or not config.train.sample_prompt:
+    return program.model_params(state)
+  return program.path_params(state, routing.route_text(config, config.train.sample_prompt))
 
 
 def _stop_preempted(preemption, reader, pending, step, start, saved_state, next_sequence):

@@ -391,7 +391,10 @@ def test_paths_compose_with_ring_attention_and_offload_inside_the_islands(tmp_pa
     if name == "ring_offload":
       c.mesh.update(data=1, ring=2)
       c.optim.update(offload=True, subgroup_mb=0.01)
+    else:  # the end-of-run sample runs the prompt's path
+      c.train.update(sample_prompt="def ", sample_tokens=3)
     train_and_evaluate(c, tmp_path / name)
     losses[name] = read_losses(tmp_path / name)
+  assert (tmp_path / "plain" / "sample.txt").read_text().startswith("def ")
   np.testing.assert_allclose(list(losses["ring_offload"].values()),
                              list(losses["plain"].values()), rtol=1e-4)
