@@ -49,6 +49,20 @@ def read_losses(workdir) -> dict:
   return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
+def killed_and_resumed(config, tmp_path, crash_on_evaluation):
+  """(straight, resumed) workdirs: `config` run through, and run again killed at its second
+  evaluation, then resumed from its last checkpoint."""
+  from lcjax.train import train_and_evaluate
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_and_evaluate(config, straight)
+  disarm = crash_on_evaluation(2, RuntimeError("simulated crash"))
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train_and_evaluate(config, resumed)
+  disarm()
+  train_and_evaluate(config, resumed)
+  return straight, resumed
+
+
 def scratch_program(prepared):
   """(program, state at step 0) of a prepared run; call under jax.set_mesh(prepared.mesh)."""
   from lcjax import program as program_lib

@@ -21,7 +21,7 @@ from lcjax.optim import inner as inner_lib
 from lcjax.state_spec import Decl
 from lcjax.outer import compression, diloco
 from lcjax.train import prepare, train_and_evaluate
-from conftest import read_losses as _losses, tiny_config, train_steps
+from conftest import killed_and_resumed, read_losses as _losses, tiny_config, train_steps
 
 DIM = 6
 
@@ -234,13 +234,7 @@ def _records(workdir):
 
 def test_resume_mid_round_is_exact_and_records_outer_metrics(tmp_path, crash_on_evaluation):
   config = _diloco_config(inner_steps=4, compression="int8")  # checkpoints at 3 and 6: mid-round
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train_and_evaluate(config, straight)
-  disarm = crash_on_evaluation(2, RuntimeError("simulated crash"))
-  with pytest.raises(RuntimeError, match="simulated crash"):
-    train_and_evaluate(config, resumed)
-  disarm()
-  train_and_evaluate(config, resumed)
+  straight, resumed = killed_and_resumed(config, tmp_path, crash_on_evaluation)
   assert _losses(resumed) == _losses(straight)
   records = _records(straight)
   start = records[0]

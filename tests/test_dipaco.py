@@ -19,7 +19,7 @@ from lcjax.optim import inner as inner_lib
 from lcjax.outer import dipaco, paths, routing
 from lcjax.state_spec import Decl
 from lcjax.train import train_and_evaluate
-from conftest import read_losses, tiny_config
+from conftest import killed_and_resumed, read_losses, tiny_config
 
 DIM, R, ROWS = 4, 4, 8
 
@@ -234,13 +234,7 @@ def test_resume_mid_round_is_exact_with_paths(tmp_path, crash_on_evaluation, cap
   c = _tiny_outer("dipaco", modules="2x2")
   c.model.num_levels = 2
   c.checkpoint.every = 3
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train_and_evaluate(c, straight)
-  disarm = crash_on_evaluation(2, RuntimeError("simulated crash"))
-  with pytest.raises(RuntimeError, match="simulated crash"):
-    train_and_evaluate(c, resumed)
-  disarm()
-  train_and_evaluate(c, resumed)
+  straight, resumed = killed_and_resumed(c, tmp_path, crash_on_evaluation)
   assert read_losses(resumed) == read_losses(straight)
   other_routing = _tiny_outer("dipaco", modules="2x2", overlap=2)
   other_routing.model.num_levels = 2

@@ -162,10 +162,6 @@ class PathDatasets:
     """Target tokens in each path's train shard."""
     return [d.train.num_pairs for d in self.paths]
 
-  @property
-  def eval(self):
-    return self.whole.eval
-
   def train_batch(self, first_sequence: int, batch_size: int) -> dict:
     """The global batch: path p's rows are sequences first/P .. of its shard."""
     P = self.num_paths
@@ -180,11 +176,6 @@ class PathDatasets:
 
   def unigram_entropy(self) -> float:
     return self.whole.unigram_entropy()
-
-  def describe(self) -> dict:
-    return {"data/shard_tokens": self.shard_tokens,
-            "data/shard_documents": self.shard_documents,
-            "data/eval_shard_tokens": [d.eval.num_pairs if d.eval else 0 for d in self.paths]}
 
 
 def _uniform_scores(texts, num_paths, seed):
