@@ -24,7 +24,7 @@ DATA_STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.eval_f
                     "data.max_documents", "train.seed", "train.seq_len", "train.batch_size")
 # DiPaCo's routing decides which documents each path reads: part of its data stream.
 ROUTING_KEYS = ("outer.modules", "outer.routing", "outer.overlap", "outer.route_prefix",
-                "outer.base_from")
+                "outer.base_from", "outer.router_fraction", "outer.init_from")
 # The config sections that shape the saved state (named when the saved tree differs).
 _STATE_SECTIONS = ("model", "optim", "outer", "mesh.replica")
 

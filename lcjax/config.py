@@ -12,7 +12,7 @@ REMAT_POLICIES = ("none", "full", "dots", "offload")
 MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
 ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret", "cudnn")
 COMPRESSION_FORMATS = ("float32", "bfloat16", "int8", "int4")  # outer/compression.py
-ROUTINGS = ("uniform", "kmeans", "product_kmeans")  # outer/routing.py
+ROUTINGS = ("uniform", "kmeans", "product_kmeans", "discriminative")  # outer/routing.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -112,18 +112,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.drop_replicas = ""      # fault drill: "r@k,..." leaves island r out of outer step k (1-based)
   c.outer.init_from = ""          # workdir of a plain run (same model): its latest checkpoint starts
                                   # this run (without an outer loop: the model and its optimizer;
-                                  # DiLoCo: every island and theta), which goes on from its step
+                                  # DiLoCo: every island and theta), which goes on from its step;
+                                  # dipaco: a DiPaCo run of the same grid, whose whole state goes on
+                                  # here re-routed (discriminative: its paths label the router data)
   c.outer.init_step = 0           # the checkpoint step of init_from to start from; 0 = its latest
   c.outer.modules = "1"           # dipaco: modules per level, "K1xK2x..." (one factor per
-                                  # model.num_levels); their product is the number of paths P
+                                  # model.num_levels); their product is the number of paths P;
+                                  # P > mesh.replica trains the paths in P / mesh.replica rounds
   c.outer.private = ""            # dipaco: parts each path keeps to itself: embed, head, level<i>
   c.outer.routing = "uniform"     # dipaco: how documents are routed to paths (outer/routing.py):
-                                  # uniform | kmeans | product_kmeans (a 2-level grid)
+                                  # uniform | kmeans | product_kmeans (a 2-level grid) |
+                                  # discriminative (a logistic regression on router data)
   c.outer.overlap = 1             # dipaco: each train document goes to its n best paths' shards
   c.outer.route_prefix = 32       # dipaco: tokens of a document its routing feature reads
   c.outer.base_from = ""          # dipaco: workdir of a plain run (same model): its checkpoint
                                   # (outer.init_step, 0 = latest) starts every module, and its
-                                  # model gives kmeans routing its features
+                                  # model gives feature routers their features
+  c.outer.router_fraction = 0.0   # dipaco: share of the train documents kept apart as router data
+                                  # (in no shard; discriminative routing is fitted on them)
+  c.outer.early_stopping = False  # dipaco: a path whose held-out loss rises above its best stops
+                                  # taking part in the syncs (its modules no longer move for it)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
@@ -205,18 +213,23 @@ def _check_dipaco(full):
   from lcjax.outer import paths
   u = full.outer
   grid = paths.grid_of(full)
-  _require(full.mesh.replica % grid.num_paths == 0,
-           f"outer.modules={u.modules!r} gives {grid.num_paths} paths; mesh.replica "
-           f"({full.mesh.replica}) must be a multiple of it: each path trains on mesh.replica / "
-           "P islands")
+  R, P = full.mesh.replica, grid.num_paths
+  _require(R % P == 0 or P % R == 0,
+           f"outer.modules={u.modules!r} gives {P} paths; mesh.replica ({R}) must be a multiple "
+           f"of it (each path trains on mesh.replica / P islands) or divide it (the paths train "
+           "in P / mesh.replica rounds)")
   _require(full.train.batch_size % full.mesh.replica == 0,
            f"train.batch_size ({full.train.batch_size}) must be a multiple of mesh.replica "
            f"({full.mesh.replica}): every island reads its share of its path's batch")
   _require(u.routing in ROUTINGS, f"outer.routing must be one of {ROUTINGS}; got {u.routing!r}")
-  _require(not u.init_from, "outer.kind='dipaco' starts from outer.base_from (a plain run whose "
-           "model also routes the documents); set it instead of outer.init_from")
   _require(u.routing == "uniform" or u.base_from, f"outer.routing={u.routing!r} routes by a "
            "base model's features: set outer.base_from to a plain run's workdir")
+  _require(0 <= u.router_fraction < 1, "outer.router_fraction must be in [0, 1) (the share of "
+           f"train documents kept apart as router data); got {u.router_fraction}")
+  _require(u.routing != "discriminative" or (u.init_from and u.router_fraction > 0),
+           "outer.routing='discriminative' labels router data with the paths of a trained DiPaCo "
+           "run: set outer.init_from to that run's workdir and outer.router_fraction > 0 (the "
+           "same as that run's)")
   _require(u.routing != "product_kmeans" or len(grid.modules) == 2, "outer.routing="
            f"'product_kmeans' pairs two clusterings: it needs a 2-level grid; got "
            f"outer.modules={u.modules!r}")

@@ -49,9 +49,12 @@ class ThisRun:
 
 @dataclasses.dataclass(frozen=True)
 class OtherRun:
-  """Another (plain) run's checkpoint, read only: its state starts this run (0: its latest)."""
+  """Another run's checkpoint, read only (0: its latest): a plain run's state starts this run's
+  stages (from_base); with same_program, a run of this same program goes on here whole (DiPaCo
+  re-routed)."""
   workdir: str
   step: int = 0
+  same_program: bool = False
 
 
 def stage_for(parts, config, tx, mesh, *, aot: bool = False, shard_tokens=None):
@@ -134,11 +137,12 @@ class Program:
       return self.complete(saved), position["next_sequence"]
     if isinstance(source, OtherRun):
       from lcjax import checkpoint as checkpoint_lib
-      step, base, position = checkpoint_lib.restore_other(source.workdir, self.base_abstract(),
-                                                          source.step)
+      abstract = self.saved.abstract if source.same_program else self.base_abstract()
+      step, saved, position = checkpoint_lib.restore_other(source.workdir, abstract, source.step)
       print(f"[lcjax] starting from step {step} of {source.workdir}")
-      return jax.jit(stage.from_base, out_shardings=out, donate_argnums=0)(base), \
-          position["next_sequence"]
+      state = (self.complete(saved) if source.same_program else
+               jax.jit(stage.from_base, out_shardings=out, donate_argnums=0)(saved))
+      return state, position["next_sequence"]
     raise TypeError(f"unknown state source {source!r}")
 
   def complete(self, saved):

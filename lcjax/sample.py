@@ -82,7 +82,8 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
       path = 0
       if program.num_paths > 1:  # DiPaCo: the prompt runs on the path it is routed to
         from lcjax.outer import routing
-        path = routing.route_text(prepared.config, prompt)
+        path = routing.route_text(prepared.config, prompt,
+                                  routing.load_router(pathlib.Path(workdir) / "router.safetensors"))
         print(f"[lcjax] DiPaCo: the prompt is routed to path {path} of {program.num_paths} "
               f"(modules {program.stage.grid.describe(path)})", file=sys.stderr)
       params = program.restore_model_params(checkpointer, step, path)

@@ -149,9 +149,11 @@ def state_source(config, checkpointer):
   latest = checkpointer.latest_step()
   if latest is not None:
     return program_lib.ThisRun(checkpointer, latest)
-  if config.outer.init_from or config.outer.base_from:  # DiLoCo's start, DiPaCo's base run
-    return program_lib.OtherRun(config.outer.init_from or config.outer.base_from,
-                                config.outer.init_step)
+  o = config.outer
+  if o.kind == "dipaco" and o.init_from:  # a DiPaCo run goes on here, re-routed
+    return program_lib.OtherRun(o.init_from, o.init_step, same_program=True)
+  if o.init_from or o.base_from:  # DiLoCo's start, DiPaCo's base run
+    return program_lib.OtherRun(o.init_from or o.base_from, o.init_step)
   return program_lib.Scratch()
 
 
@@ -237,10 +239,13 @@ def _run(prepared, workdir, dry_run, target) -> dict:
           print(f"[lcjax] the run is complete (train.steps={config.train.steps}); raise "
                 "--config.train.steps to train further")
       if config.outer.kind == "dipaco":  # the router is an artifact of the run
-        routing.save_router(datasets.router, workdir / "router.safetensors")
+        datasets.router.save(workdir / "router.safetensors")
       # Only now, with the state restored, are the records past its step dropped.
       writer = metrics_lib.MetricsWriter(workdir, keep_through=start if resumed else start - 1)
-      writer.write(start, _start_record(program, model_cfg, config, compiled, state, peak))
+      record = _start_record(program, model_cfg, config, compiled, state, peak)
+      if config.outer.kind == "dipaco":
+        record.update(datasets.describe())
+      writer.write(start, record)
       with jax.transfer_guard("disallow"):  # a host sync hidden in the step is an error
         return _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
                      writer, model_cfg, peak, preemption)
@@ -332,14 +337,15 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
       bar.update(1)
   finally:  # before any stop line: the bar is not redrawn after it
     bar.close()
-  return {**last, "params": _sample_params(program, state, config)}
+  return {**last, "params": _sample_params(program, state, config, datasets)}
 
 
-def _sample_params(program, state, config):
+def _sample_params(program, state, config, datasets):
   """The parameters the end-of-run sample uses: DiPaCo's are the sample prompt's path."""
   if program.num_paths == 1 or not config.train.sample_prompt:
     return program.model_params(state)
-  return program.path_params(state, routing.route_text(config, config.train.sample_prompt))
+  return program.path_params(state, routing.route_text(config, config.train.sample_prompt,
+                                                       datasets.router))
 
 
 def _stop_preempted(preemption, reader, pending, step, start, saved_state, next_sequence):

@@ -211,7 +211,9 @@ def test_a_flat_moe_sends_nothing_and_2x2_sends_less_than_diloco(tmp_path):
     (dict(modules="4", routing="product_kmeans", base_from="/tmp/x"), r"needs a 2-level grid"),
     (dict(routing="kmeans", base_from="/tmp/x", route_prefix=32),
      r"outer.route_prefix must be in \[1, train.seq_len=32\)"),
-    (dict(init_from="/tmp/x"), r"set it instead of outer.init_from"),
+    (dict(routing="discriminative", base_from="/tmp/x"),
+     r"set outer.init_from to that run's workdir and outer.router_fraction > 0"),
+    (dict(router_fraction=1.0), r"outer.router_fraction must be in \[0, 1\)"),
     (dict(modules="2", overlap=3), r"outer.overlap must be in \[1, P=2\]"),
     (dict(routing="kmeans", base_from="/tmp/x", route_prefix=8),
      r"reads the first outer.route_prefix=8 tokens of every held-out document: set "

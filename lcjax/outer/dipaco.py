@@ -40,6 +40,17 @@ from lcjax.outer import paths as paths_lib
 from lcjax.outer.diloco import AXIS, DiLoCo
 
 
+def modules_of(tree, groups, grid: paths_lib.PathGrid, stack):
+  """The modules' tree from a tree of the model's: `stack(leaf, count)` gives each leaf its
+  group's leading module dimension."""
+  return jax.tree.map(lambda x, g: stack(x, grid.count(g)), tree, groups)
+
+
+def assemble_path(modules, groups, grid: paths_lib.PathGrid, path):
+  """Path `path`'s parameters (the model's tree) from the modules (`path` may be traced)."""
+  return jax.tree.map(lambda m, g: m[jnp.asarray(grid.table(g))[path]], modules, groups)
+
+
 class DiPaCo(DiLoCo):
   name = "dipaco"
 
@@ -59,12 +70,11 @@ class DiPaCo(DiLoCo):
   # -- the modules ---------------------------------------------------------------------------
 
   def _outer_params(self, tree, stack):
-    return jax.tree.map(lambda x, g: stack(x, self.grid.count(g)), tree, self.groups)
+    return modules_of(tree, self.groups, self.grid, stack)
 
   def path_params(self, modules, path):
     """Path `path`'s parameters (the model's tree) assembled from the modules."""
-    return jax.tree.map(lambda m, g: m[jnp.asarray(self.grid.table(g))[path]], modules,
-                        self.groups)
+    return assemble_path(modules, self.groups, self.grid, path)
 
   def _path(self):
     """Inside the shard_map: the path this island trains."""

@@ -2,16 +2,20 @@
 
 Routing is once per document, offline, before training (the paper's coarse routing); with
 outer.overlap = n every train document goes to its n best paths' shards (held-out ones to the
-best only):
+best only). A `Router` scores documents [N, P] (best path first, ties to the lower path):
   uniform   a seeded hash of the document's text, modulo P (near-equal shards; with P = 1
             the one shard is the unsharded stream DiLoCo reads)
-  kmeans    the nearest of P k-means centroids of the documents' features (features.py: a
-            base model's mean last hidden state over the first outer.route_prefix tokens)
+  kmeans    minus the squared distance of the document's feature (features.py: a base model's
+            mean last hidden state over the first outer.route_prefix tokens) to P k-means
+            centroids of the train documents' features
   product_kmeans  for a 2-level grid K1 x K2: K1 clusters of the feature's first half, K2 of
             its second; the path is the pair of nearest centroids
-Both add a bias per path to minus the squared distances (`balance_bias`), so that no path is
-left without train documents: a cell nothing is nearest to takes the documents that lose
-least by going there.
+  discriminative  a logistic regression from the feature to the path that predicts the document
+            best: trained on router documents (outer.router_fraction of the train documents,
+            kept out of every shard), each labelled with the path of least loss on it, the
+            paths being those of another DiPaCo run of the same grid (outer.init_from)
+Feature routers add a bias per path (`balance_bias`), so that no path is left without train
+documents: a path nothing prefers takes the documents that lose least by going there.
 
 Path p's shard is packed and shuffled like the whole corpus is without DiPaCo
 (data.PackedSequences, the run's seed), and read by p's islands: a step's global batch is the
@@ -21,9 +25,9 @@ as without DiPaCo). Held-out documents are routed by the same rule, and each is 
 its own path.
 """
 import dataclasses
+import pathlib
 import zlib
 
-import jax
 import numpy as np
 
 from lcjax.data import Datasets, PackedSequences, load_documents, make_tokenizer
@@ -35,12 +39,6 @@ def uniform(texts, num_paths: int, seed: int) -> np.ndarray:
   salt = f"{seed}:".encode()
   return np.array([zlib.crc32(salt + t.encode("utf-8", "replace")) % num_paths for t in texts],
                   np.int32)
-
-
-def route_text(config, text: str) -> int:
-  """The path a text (a prompt, a document) is routed to under a DiPaCo config."""
-  from lcjax.outer import paths as paths_lib
-  return int(uniform([text], paths_lib.grid_of(config).num_paths, config.train.seed)[0])
 
 
 # -- routers: numpy, on the host, deterministic for a seed -------------------------------------
@@ -151,7 +149,8 @@ class PathDatasets:
   paths: list            # Datasets per path: its train shard and its held-out documents
   whole: Datasets        # every document, unsharded (the corpus statistics)
   shard_documents: list  # train documents routed to each path
-  router: tuple          # (arrays, info) of the router (`save_router`)
+  router: "Router"
+  router_documents: int  # train documents kept apart as router data (in no shard)
 
   @property
   def num_paths(self) -> int:
@@ -177,6 +176,12 @@ class PathDatasets:
   def unigram_entropy(self) -> float:
     return self.whole.unigram_entropy()
 
+  def describe(self) -> dict:
+    """Start-record fields: the shards' documents and the router's inputs."""
+    return {"outer/shard_documents": list(self.shard_documents),
+            "outer/router_documents": self.router_documents,
+            "outer/router": {"routing": self.router.routing, **self.router.info}}
+
 
 def _uniform_scores(texts, num_paths, seed):
   """[N, P] scores ranking the hashed path first, then the next ones in order (overlap)."""
@@ -184,62 +189,146 @@ def _uniform_scores(texts, num_paths, seed):
   return -((np.arange(num_paths)[None] - first[:, None]) % num_paths).astype(np.float64)
 
 
-def route(config, train_tokens, eval_tokens, train_docs, eval_docs, tokenizer):
-  """(train scores [N, P], held-out scores [M, P], router): how strongly each document is
-  routed to each path under outer.routing (a document goes to its best path, a train document
-  with outer.overlap = n to its n best), and the router's arrays and inputs (`save_router`)."""
-  from lcjax.outer import paths as paths_lib
+def router_split(texts, fraction: float, seed: int) -> np.ndarray:
+  """[N] bool: the train documents kept apart as router data (a seeded hash of the text, so
+  every run with the same seed and fraction keeps the same ones apart)."""
+  salt = f"router:{seed}:".encode()
+  return np.array([zlib.crc32(salt + t.encode("utf-8", "replace")) % 10_000 < fraction * 10_000
+                   for t in texts], bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+  """A routing rule, saved with the run (WORKDIR/router.safetensors): its arrays (float32) and
+  its inputs (strings)."""
+  routing: str
+  num_paths: int
+  seed: int
+  arrays: dict
+  info: dict
+
+  @property
+  def reads_features(self) -> bool:
+    return self.routing != "uniform"
+
+  def scores(self, texts, features=None) -> np.ndarray:
+    """[N, P]: how strongly each document goes to each path."""
+    if self.routing == "uniform":
+      return _uniform_scores(texts, self.num_paths, self.seed)
+    a, x = self.arrays, np.asarray(features, np.float64)
+    if self.routing == "kmeans":
+      scores = -_sq_distances(x, a["centroids"])
+    elif self.routing == "product_kmeans":
+      scores = product_scores(x, [a["centroids0"], a["centroids1"]])
+    else:  # discriminative
+      scores = x @ a["weights"].astype(np.float64) + a["offset"]
+    return scores + a["bias"]
+
+  def save(self, path):
+    """safetensors, no pickle; the inputs as metadata."""
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in self.arrays.items()} or
+              {"none": np.zeros(0, np.float32)}, str(path),
+              metadata={**self.info, "routing": self.routing, "paths": str(self.num_paths),
+                        "seed": str(self.seed)})
+
+
+def load_router(path) -> Router:
+  from safetensors import safe_open
+  if not pathlib.Path(path).exists():
+    raise ValueError(f"{path} not found: a DiPaCo run saves its router there when it starts; "
+                     "train the run first")
+  with safe_open(str(path), "np") as f:
+    info = dict(f.metadata())
+    arrays = {k: f.get_tensor(k) for k in f.keys() if k != "none"}
+  routing, paths, seed = info.pop("routing"), int(info.pop("paths")), int(info.pop("seed"))
+  return Router(routing, paths, seed, arrays, info)
+
+
+def _fit(config, grid, features, router_tokens, tokenizer) -> Router:
+  """The router of outer.routing, from the train documents' features (and, discriminative,
+  the router documents' tokens and features)."""
   o, seed = config.outer, config.train.seed
-  grid = paths_lib.grid_of(config)
-  info = {"routing": o.routing, "seed": str(seed), "paths": str(grid.num_paths),
-          "overlap": str(o.overlap)}
+  info = {"overlap": str(o.overlap), "router_fraction": str(o.router_fraction)}
   if o.routing == "uniform":
-    return (_uniform_scores(train_docs, grid.num_paths, seed),
-            _uniform_scores(eval_docs, grid.num_paths, seed), ({}, info))
-  from lcjax.model import ModelConfig
+    return Router("uniform", grid.num_paths, seed, {}, info)
   from lcjax.outer import features as features_lib
-  model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
-  mesh = features_lib.local_mesh()
-  with jax.set_mesh(mesh):
-    step, params = features_lib.base_params(config, model_cfg, mesh)
-    feats = [features_lib.prefix_features(model_cfg, params, mesh, docs, o.route_prefix,
-                                          tokenizer.bos_id, tokenizer.pad_id)
-             for docs in (train_tokens, eval_tokens)]
-  info.update(base_from=str(o.base_from), base_step=str(step), route_prefix=str(o.route_prefix))
+  info.update(base_from=str(o.base_from), base_step=str(features["base_step"]),
+              route_prefix=str(o.route_prefix))
+  x = features["train"]
   if o.routing == "kmeans":
-    arrays = {"centroids": kmeans(feats[0], grid.num_paths, seed)}
-    scores = [-_sq_distances(np.asarray(f, np.float64), arrays["centroids"]) for f in feats]
-  else:  # product_kmeans: a 2-level grid
-    centroids = product_kmeans(feats[0], grid.modules, seed)
-    arrays = {f"centroids{i}": c for i, c in enumerate(centroids)}
-    scores = [product_scores(f, centroids) for f in feats]
-  # A cell no train document is nearest to would leave its path without data: the bias makes
-  # every path the first choice of at least one (balance_bias), and routes held-out ones alike.
-  arrays["bias"] = balance_bias(scores[0], 1)
-  return (scores[0] + arrays["bias"], scores[1] + arrays["bias"],
-          ({k: v.astype(np.float32) for k, v in arrays.items()}, info))
+    arrays = {"centroids": kmeans(x, grid.num_paths, seed)}
+  elif o.routing == "product_kmeans":
+    arrays = {f"centroids{i}": c for i, c in enumerate(product_kmeans(x, grid.modules, seed))}
+  else:  # discriminative: the path of least loss on each router document
+    _check_same_router_data(config)
+    step, losses = features_lib.path_losses(config, grid, router_tokens, tokenizer)
+    labels = np.argmin(losses, axis=1)
+    weights, offset = fit_logistic(features["router"], labels, grid.num_paths)
+    arrays = {"weights": weights, "offset": offset}
+    info.update(paths_from=str(o.init_from), paths_step=str(step),
+                router_documents=str(len(labels)),
+                router_labels=",".join(str(n) for n in np.bincount(labels,
+                                                                   minlength=grid.num_paths)))
+  arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+  unbiased = Router(o.routing, grid.num_paths, seed, {**arrays, "bias": np.zeros(grid.num_paths,
+                                                                               np.float32)}, info)
+  # A path no train document prefers would have no shard: the bias makes every path the first
+  # choice of at least one (balance_bias), and routes held-out documents alike.
+  arrays["bias"] = balance_bias(unbiased.scores(None, x), 1).astype(np.float32)
+  return Router(o.routing, grid.num_paths, seed, arrays, info)
 
 
-def save_router(router, path):
-  """The router's arrays and inputs as safetensors (no pickle)."""
-  from safetensors.numpy import save_file
-  arrays, info = router
-  save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()} or
-            {"none": np.zeros(0, np.float32)}, str(path), metadata=info)
+def _check_same_router_data(config):
+  """The paths that label the router documents must never have trained on them."""
+  o = config.outer
+  theirs = load_router(pathlib.Path(o.init_from) / "router.safetensors")
+  if (theirs.info.get("router_fraction"), theirs.seed) != (str(o.router_fraction),
+                                                          config.train.seed):
+    raise ValueError(f"outer.init_from={o.init_from!r} kept outer.router_fraction="
+                     f"{theirs.info.get('router_fraction')} apart with train.seed={theirs.seed}; "
+                     "its paths trained on other router documents than this run keeps apart: "
+                     "use the same outer.router_fraction and train.seed")
+
+
+def route_text(config, text: str, router: Router | None = None) -> int:
+  """The path a text (a prompt, a document) is routed to: by the run's router (uniform routing
+  needs none: the hash of the text decides)."""
+  from lcjax.outer import paths as paths_lib
+  if router is None:
+    router = Router("uniform", paths_lib.grid_of(config).num_paths, config.train.seed, {}, {})
+  features = None
+  if router.reads_features:
+    from lcjax.outer import features as features_lib
+    tokenizer = make_tokenizer(config.data)
+    features = features_lib.document_features(config, tokenizer, [[tokenizer.encode(text)]])[0]
+  return int(np.argmax(router.scores([text], features)[0]))
 
 
 def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   """The path shards of a DiPaCo run's data (outer.routing)."""
+  from lcjax.outer import paths as paths_lib
+  o = config.outer
+  grid = paths_lib.grid_of(config)
   tokenizer = make_tokenizer(config.data)
-  train_docs, eval_docs = load_documents(config.data)
-  train_tokens = [tokenizer.encode(d) for d in train_docs]
-  eval_tokens = [tokenizer.encode(d) for d in eval_docs]
-  train_scores, eval_scores, router = route(config, train_tokens, eval_tokens, train_docs,
-                                            eval_docs, tokenizer)
-  num_paths = train_scores.shape[1]
+  docs, eval_docs = load_documents(config.data)
+  apart = router_split(docs, o.router_fraction, seed)
+  train_docs = [d for d, a in zip(docs, apart) if not a]
+  router_docs = [d for d, a in zip(docs, apart) if a]
+  train_tokens, eval_tokens, router_tokens = ([tokenizer.encode(d) for d in part] for part in
+                                              (train_docs, eval_docs, router_docs))
+  features = {"train": None, "eval": None}
+  if o.routing != "uniform":
+    from lcjax.outer import features as features_lib
+    lists = [train_tokens, eval_tokens] + ([router_tokens] if o.routing == "discriminative" else [])
+    *computed, step = features_lib.document_features(config, tokenizer, lists, with_step=True)
+    features = {"train": computed[0], "eval": computed[1], "base_step": step,
+                "router": computed[2] if len(computed) > 2 else None}
+  router = _fit(config, grid, features, router_tokens, tokenizer)
   # stable ranks: ties go to the lower path
-  train_paths = np.argsort(-train_scores, axis=1, kind="stable")[:, :config.outer.overlap]
-  eval_paths = np.argmax(eval_scores, axis=1)
+  train_paths = np.argsort(-router.scores(train_docs, features["train"]), axis=1,
+                           kind="stable")[:, :o.overlap]
+  eval_paths = np.argmax(router.scores(eval_docs, features["eval"]), axis=1)
   special = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   def pack(docs, shuffle):  # held-out (unshuffled) documents are scored after the prefix
@@ -247,15 +336,16 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
     return PackedSequences(docs, seq_len, seed=seed, shuffle=shuffle, skip_prefix=skip, **special)
 
   shards = []
-  for p in range(num_paths):
+  for p in range(grid.num_paths):
     train = [t for t, q in zip(train_tokens, train_paths) if p in q]
     held = [t for t, q in zip(eval_tokens, eval_paths) if q == p]
     if not train:
-      raise ValueError(f"outer.routing={config.outer.routing!r} routes no train document to "
+      raise ValueError(f"outer.routing={o.routing!r} routes no train document to "
                        f"path {p}; every path needs a shard: use fewer paths (outer.modules) or "
                        "more data (data.max_documents)")
     shards.append(Datasets(tokenizer, pack(train, True), pack(held, False) if held else None,
                            layout))
   whole = Datasets(tokenizer, pack(train_tokens, True), pack(eval_tokens, False), layout)
   return PathDatasets(tokenizer, shards, whole,
-                      [int(np.sum(train_paths == p)) for p in range(num_paths)], router)
+                      [int(np.sum(train_paths == p)) for p in range(grid.num_paths)], router,
+                      len(router_docs))
