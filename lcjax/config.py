@@ -192,6 +192,8 @@ def _check_outer(full):
   _require(u.kind == "dipaco" or not u.base_from, "outer.base_from starts DiPaCo's modules and "
            "routes its documents; it needs outer.kind='dipaco' (DiLoCo starts from "
            "outer.init_from)")
+  _require(u.kind == "dipaco" or not u.early_stopping, "outer.early_stopping stops DiPaCo's "
+           "paths one by one; it needs outer.kind='dipaco'")
   if u.kind == "none":
     return
   if u.kind == "dipaco":

@@ -25,6 +25,7 @@ run's (outer.init_from), then scratch.
 import dataclasses
 
 import jax
+import numpy as np
 
 from lcjax import mesh as mesh_lib
 from lcjax import optim
@@ -97,12 +98,23 @@ class Program:
                         out_shardings=replicated)
     self.model_params = jax.jit(stage.model_params, out_shardings=model_params.shardings)
     self.num_paths = getattr(stage, "P", 1)
+    if getattr(stage, "early_stopping", False):
+      self._early_stop = jax.jit(stage.early_stop, out_shardings=self.live.shardings,
+                                 donate_argnums=0)
     if self.num_paths > 1:  # DiPaCo: evaluation and sampling take one path at a time
       self._path_params = jax.jit(lambda state, p: stage.path_params(state["outer"]["params"], p),
                                   out_shardings=model_params.shardings)
       # the path numbers on the mesh, made now: the train loop allows no host-to-device copy
       self._path_ids = [jax.device_put(jax.numpy.int32(p), replicated)
                         for p in range(self.num_paths)]
+
+  def early_stop(self, state, record):
+    """DiPaCo with outer.early_stopping: the state after an evaluation's per-path losses."""
+    losses = np.array([record.get(f"eval/loss/path{p}", np.inf) for p in range(self.num_paths)]
+                      if self.num_paths > 1 else [record["eval/loss"]], np.float32)
+    with jax.transfer_guard_host_to_device("allow"):
+      losses = jax.device_put(losses, mesh_lib.replicated(self.mesh))
+    return self._early_stop(state, losses)
 
   def path_params(self, state, path: int):
     """DiPaCo: path `path`'s parameters, assembled from the live state's modules."""

@@ -232,6 +232,11 @@ def _run(prepared, workdir, dry_run, target) -> dict:
       source = state_source(config, checkpointer)
       state, next_sequence = program.init(source)
       start = int(state["step"])
+      if getattr(datasets, "rounds", 1) > 1 and next_sequence != start * config.train.batch_size:
+        raise ValueError(f"DiPaCo in rounds reads each path's shard by the step: the state starts "
+                         f"at step {start} but its data position is sequence {next_sequence}, "
+                         f"not step x train.batch_size ({config.train.batch_size}); start from a "
+                         "run with the same train.batch_size")
       resumed = isinstance(source, program_lib.ThisRun)
       if resumed:
         print(f"[lcjax] resumed from step {latest} in {workdir}")
@@ -329,6 +334,8 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
         writer.write(done, record)
         if guard.first_non_finite(record):
           reader.stop(f"eval/loss is {record['eval/loss']}", done)
+        if config.outer.early_stopping:
+          state = program.early_stop(state, record)
         last.update(record)
       if save:
         reader.save(done, program.saved_view(state), next_sequence, force=done == t.steps)

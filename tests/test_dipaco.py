@@ -63,7 +63,8 @@ def _quadratic_inner(mesh, inner_lr, levels):
   return inner_lib.Plain(parts, optax.sgd(inner_lr), lambda step: jnp.float32(inner_lr))
 
 
-def _run(grid, batches, shard_tokens, inner_lr, **outer):
+def _run(grid, batches, shard_tokens, inner_lr, evaluations=(), **outer):
+  """`evaluations`: {step: [per-path held-out losses, ...]} fed to early stopping after it."""
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(
       dict(replica=R, data=-1, fsdp=1, ring=1, ulysses=1, tensor=1)))
   c = config_lib.base_config().outer
@@ -73,17 +74,23 @@ def _run(grid, batches, shard_tokens, inner_lr, **outer):
     stage = dipaco.DiPaCo(inner, c, R, mesh, grid, shard_tokens)
     program = program_lib.Program(stage, inner.parts, inner.tx, mesh)
     state, records = program.init(program_lib.Scratch())[0], []
-    for batch in batches:
+    for step, batch in enumerate(batches, 1):
       state, _ = program.step(state, jax.device_put(batch, program.batch_sharding))
+      for losses in dict(evaluations).get(step, ()):
+        state = program.early_stop(state, {f"eval/loss/path{p}": v for p, v in enumerate(losses)})
       records.append(jax.device_get(state))
   return records, stage
 
 
-@pytest.mark.parametrize("modules, private", [("2x2", "embed"), ("4", "embed,head")])
-def test_outer_steps_per_module_match_a_hand_computation(modules, private):
+@pytest.mark.parametrize("modules, private, stop", [("2x2", "embed", False),
+                                                    ("4", "embed,head", False),
+                                                    ("2x2", "embed", True), ("4", "embed,head", True)])
+def test_outer_steps_per_module_match_a_hand_computation(modules, private, stop):
   """Two rounds of H inner steps; each module's delta uses only the paths through it, weighted
   by tokens x relative shard size, rescaled by sqrt(paths through it / P); Nesterov per module;
-  private modules (never averaged) still take the outer step."""
+  private modules (never averaged) still take the outer step. With early stopping, path 1's
+  held-out loss rises after round 1: in round 2 its islands weigh nothing and the modules only
+  it goes through stay where they are (a path without held-out loss, inf, runs on)."""
   levels = len(modules.split("x"))
   grid = paths.PathGrid(paths.parse_modules(modules, levels),
                         paths.parse_private(private, levels, tie_embeddings=True))
@@ -95,8 +102,11 @@ def test_outer_steps_per_module_match_a_hand_computation(modules, private):
     mask = np.ones(ROWS, np.float32)
     mask[[1, 5]] = 0.0  # islands 0 and 2 train on one row, 1 and 3 on two: unequal tokens
     batches.append({"x": rng.normal(size=(ROWS, DIM)).astype(np.float32), "mask": mask})
-  records, stage = _run(grid, batches, shard_tokens, inner_lr, inner_steps=H, lr=lr,
-                        momentum=mu, nesterov=True, modules=modules, private=private)
+  evaluations = {H: [[1.0, 1.0, 1.0, np.inf], [0.5, 2.0, 0.5, np.inf]]} if stop else {}
+  records, stage = _run(grid, batches, shard_tokens, inner_lr, evaluations, inner_steps=H,
+                        lr=lr, momentum=mu, nesterov=True, modules=modules, private=private,
+                        early_stopping=stop)
+  running = np.ones(R)
   scale = np.array(shard_tokens) / np.mean(shard_tokens)
   leaves = _leaves(levels)
   group = {"embed": grid.group("embed"), "final_norm": grid.group("final_norm"),
@@ -122,12 +132,14 @@ def test_outer_steps_per_module_match_a_hand_computation(modules, private):
       delta = np.zeros_like(modules_of[k])
       for module in range(grid.count(g)):
         through = [r for r in range(R) if grid.module_of(g, r) == module]
-        c = np.array([tokens[r] * scale[r] for r in through])
-        for w, r in zip(c / c.sum(), through):
+        c = np.array([tokens[r] * scale[r] * running[r] for r in through])
+        for w, r in zip(c / max(c.sum(), 1e-30), through):
           delta[module] += w * (modules_of[k][module] - islands[r][k])
         delta[module] *= np.sqrt(len(through) / grid.num_paths)
       momentum[k] = delta + mu * momentum[k]
-      modules_of[k] = modules_of[k] - lr * (delta + mu * momentum[k])
+      live = np.array([any(running[r] for r in range(R) if grid.module_of(g, r) == module)
+                       for module in range(grid.count(g))], np.float64)[:, None]
+      modules_of[k] = modules_of[k] - live * lr * (delta + mu * momentum[k])
     islands = [{k: modules_of[k][grid.module_of(group[k], r)].copy() for k in leaves}
                for r in range(R)]
     got = records[(round_ + 1) * H - 1]
@@ -137,6 +149,9 @@ def test_outer_steps_per_module_match_a_hand_computation(modules, private):
       np.testing.assert_allclose(got_islands[k], np.stack([isl[k] for isl in islands]),
                                  rtol=1e-5, atol=1e-6)
     assert int(got["outer"]["step"]) == round_ + 1
+    if stop:
+      running[1] = 0.0
+      np.testing.assert_array_equal(got["outer"]["paths"]["stopped"], [0, 1, 0, 0])
   if modules == "4":  # the flat MoE: every module has one island, nothing is exchanged
     assert stage.bytes_per_sync == 0
 
@@ -394,3 +409,119 @@ def test_paths_compose_with_ring_attention_and_offload_inside_the_islands(tmp_pa
   assert (tmp_path / "plain" / "sample.txt").read_text().startswith("def ")
   np.testing.assert_allclose(list(losses["ring_offload"].values()),
                              list(losses["plain"].values()), rtol=1e-4)
+
+
+def _eval_records(workdir):
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in records if "eval/loss" in r}
+
+
+def test_paths_in_rounds_train_as_parallel_islands_would(tmp_path, crash_on_evaluation):
+  """4 paths on 2 islands train in 2 rounds of H steps before each outer step: with a constant
+  learning rate and the same rows per path, outer step k (step 2kH) gives the modules 4
+  islands give at step kH, routed eval per path included; killed between the rounds of an
+  outer step, the run resumes exactly, and a path is logged only in the steps it trains."""
+  parallel = _tiny_outer("dipaco", modules="2x2")
+  parallel.model.num_levels = 2
+  parallel.train.update(steps=4, eval_every=2, batch_size=16, warmup_steps=0,
+                        end_lr_fraction=1.0)
+  train_and_evaluate(parallel, tmp_path / "parallel")
+  rounds = _tiny_outer("dipaco", modules="2x2")
+  rounds.model.num_levels = 2
+  rounds.mesh.update(replica=2, data=4)
+  rounds.train.update(steps=8, eval_every=4, batch_size=8, warmup_steps=0, end_lr_fraction=1.0,
+                      eval_batches=2)  # the same held-out rows as one batch of 16
+  rounds.checkpoint.every = 3  # step 6: between the two rounds of the second outer step
+  straight, resumed = killed_and_resumed(rounds, tmp_path, crash_on_evaluation)
+  assert read_losses(resumed) == read_losses(straight)
+  a, b = _eval_records(tmp_path / "parallel"), _eval_records(straight)
+  for step in (2, 4):
+    for key in ["eval/loss"] + [f"eval/loss/path{p}" for p in range(4) if f"eval/loss/path{p}" in a[step]]:
+      np.testing.assert_allclose(b[2 * step][key], a[step][key], rtol=2e-5, err_msg=key)
+  records = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+  assert records[0]["outer/rounds"] == 2 and records[0]["outer/islands_per_path"] == 1
+  trained = {r["step"]: sorted(p for p in range(4) if f"train/loss/path{p}" in r)
+             for r in records if "train/loss" in r}
+  assert trained[1] == trained[2] == [0, 2] and trained[3] == trained[4] == [1, 3]
+  assert [r["outer/step"] for r in records if "outer/step" in r][:4] == [0, 0, 0, 1]
+
+
+def test_document_losses_match_one_document_at_a_time():
+  from flax import nnx
+  from lcjax.model import ModelConfig, create
+  from lcjax.outer import features
+  cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64)
+  model = create(cfg, 3)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  rng = np.random.default_rng(1)
+  docs = [rng.integers(3, 64, size=n).astype(np.int32) for n in (1, 5, 12, 30, 9)] * 15
+  length = 12
+  mesh = features.local_mesh()
+  with jax.set_mesh(mesh):
+    got = features.document_losses(cfg, params, mesh, docs, length, bos_id=1, pad_id=0)
+  for doc, loss in zip(docs[:5], got[:5]):
+    tokens = np.concatenate([[1], doc[:length]]).astype(np.int32)
+    n = len(tokens) - 1
+    logits = model(jnp.asarray(tokens[None, :n]), jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))
+    nll = -jax.nn.log_softmax(logits[0], -1)[jnp.arange(n), tokens[1:]]
+    np.testing.assert_allclose(loss, float(jnp.mean(nll)), rtol=1e-5)
+  np.testing.assert_allclose(got[5:10], got[:5], rtol=1e-6)  # a row's batch does not matter
+
+
+def test_discriminative_routing_from_a_kmeans_run(tmp_path):
+  """base -> k-means DiPaCo 2x2 keeping router documents apart -> discriminative DiPaCo from
+  it: the logistic router is fitted on the router documents labelled by the k-means run's
+  paths, saved with its inputs, every path keeps a shard, the run goes on from the k-means
+  run's whole state; a train document's text routes to the shard it was put in; a k-means run
+  that kept other documents apart is refused."""
+  from safetensors.numpy import load_file
+  base = tiny_config()
+  base.model.num_levels = 2
+  base.train.update(steps=2, eval_every=2, batch_size=8)
+  train_and_evaluate(base, tmp_path / "base")
+
+  def dipaco_config(**outer):
+    c = _tiny_outer("dipaco", modules="2x2", route_prefix=16, base_from=str(tmp_path / "base"),
+                    **outer)
+    c.data.update(eval_skip_prefix=16, max_documents=60)
+    c.model.num_levels = 2
+    return c
+
+  kmeans = dipaco_config(routing="kmeans", router_fraction=0.3)
+  kmeans.train.update(steps=4, eval_every=4)
+  train_and_evaluate(kmeans, tmp_path / "kmeans")
+  disc = dipaco_config(routing="discriminative", router_fraction=0.3,
+                       init_from=str(tmp_path / "kmeans"))
+  disc.train.update(steps=6, eval_every=6)
+  run = tmp_path / "disc"
+  train_and_evaluate(disc, run)
+  router = routing.load_router(run / "router.safetensors")
+  assert router.routing == "discriminative"
+  assert {k: v.shape for k, v in router.arrays.items()} == {"weights": (32, 4), "offset": (4,),
+                                                            "bias": (4,)}
+  labels = [int(n) for n in router.info["router_labels"].split(",")]
+  assert router.info["paths_from"] == str(tmp_path / "kmeans") and router.info["paths_step"] == "4"
+  records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  start = records[0]
+  assert start["step"] == 4  # the k-means run's whole state goes on
+  assert sum(labels) == start["outer/router_documents"] > 0
+  assert min(start["outer/shard_documents"]) > 0
+  assert sum(start["outer/shard_documents"]) + start["outer/router_documents"] == 60
+  assert start["outer/router"]["routing"] == "discriminative"
+  data = routing.build(config_lib.validate(disc), 32, 0)
+  docs, _ = routing.load_documents(config_lib.validate(disc).data)
+  kept = [d for d, apart in zip(docs, routing.router_split(docs, 0.3, 0)) if not apart]
+  assert routing.route_text(config_lib.validate(disc), kept[0], router) == data.train_paths[0, 0]
+  other = dipaco_config(routing="discriminative", router_fraction=0.2,
+                        init_from=str(tmp_path / "kmeans"))
+  with pytest.raises(ValueError, match=r"kept outer.router_fraction=0.3 apart"):
+    train_and_evaluate(other, tmp_path / "other")
+
+
+
+def test_balance_labels_gives_every_path_the_document_that_loses_least():
+  losses = np.array([[1.0, 3.0, 5.0], [1.0, 1.5, 5.0], [2.0, 9.0, 2.1], [0.5, 4.0, 6.0]])
+  # path 0 is best everywhere; path 1 takes document 1 (gap 0.5), path 2 document 2 (gap 0.1)
+  np.testing.assert_array_equal(routing.balance_labels(losses), [0, 1, 2, 0])
+  np.testing.assert_array_equal(routing.balance_labels(-np.eye(3)), [0, 1, 2])

@@ -70,10 +70,13 @@ class DiLoCo:
   name = "diloco"
   extra_shardings = None
 
+  slots = 1  # states each island holds and trains in turn, H steps each (DiPaCo's rounds)
+
   def __init__(self, inner, outer_config, replicas: int, mesh):
     assert inner.extra_shardings is None, "an island's update must be one traced function"
     o = outer_config
     self.inner, self.R, self.H, self.fmt, self.mesh = inner, replicas, o.inner_steps, o.compression, mesh
+    self.V = replicas * self.slots  # virtual islands: island r holds r*S .. r*S + S-1
     self.outer_tx = outer_optimizer(o)
     self.optimizer_name = o.optimizer
     self.alive_table = _alive_table(parse_drops(o.drop_replicas, replicas), replicas)
@@ -81,10 +84,12 @@ class DiLoCo:
     abstract_theta = self._outer_params(inner.parts.abstract_params, _abstract_stack)
     abstract_outer_opt = jax.eval_shape(self.outer_tx.init, abstract_theta)
     self.abstract = {"step": inner.abstract["step"],
-                     **{k: _abstract_stack(inner.abstract[k], replicas) for k in self.island_keys},
-                     "tokens": jax.ShapeDtypeStruct((replicas,), jnp.float32),
+                     **{k: _abstract_stack(inner.abstract[k], self.V) for k in self.island_keys},
+                     "tokens": jax.ShapeDtypeStruct((self.V,), jnp.float32),
                      "outer": {"params": abstract_theta, "opt_state": abstract_outer_opt,
-                               "step": jax.ShapeDtypeStruct((), jnp.int32)}}
+                               "step": jax.ShapeDtypeStruct((), jnp.int32),
+                               **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                              self._outer_extras())}}
     theta_decls = self._outer_params(inner.parts.param_decls,
                                      lambda decls, _: state_spec.stacked(decls, None))
     self.decls = {"step": inner.decls["step"],
@@ -93,7 +98,9 @@ class DiLoCo:
                   "outer": {"params": theta_decls,
                             "opt_state": state_spec.mirror(self.outer_tx, abstract_outer_opt,
                                                            theta_decls),
-                            "step": Decl()}}
+                            "step": Decl(),
+                            **jax.tree.map(lambda x: Decl((None,) * x.ndim),
+                                           self._outer_extras())}}
     self.saved_keys = tuple(k for k in self.abstract
                             if k not in inner.abstract or k in inner.saved_keys)
     self.model_param_decls = inner.parts.param_decls
@@ -124,19 +131,30 @@ class DiLoCo:
   def _from_island(self, island, theta):
     outer_params = self._outer_params(theta, _stack)
     return {"step": island["step"],
-            **{k: _stack(island[k], self.R) for k in self.island_keys},
-            "tokens": jnp.zeros((self.R,), jnp.float32),
+            **{k: _stack(island[k], self.V) for k in self.island_keys},
+            "tokens": jnp.zeros((self.V,), jnp.float32),
             "outer": {"params": outer_params, "opt_state": self.outer_tx.init(outer_params),
-                      "step": jnp.zeros((), jnp.int32)}}
+                      "step": jnp.zeros((), jnp.int32), **self._outer_extras()}}
 
-  def _island(self, state):
-    """Inside the shard_map: this island's inner state (its [1, ...] slices unstacked)."""
-    return {"step": state["step"], **{k: jax.tree.map(lambda x: x[0], state[k])
+  def _outer_extras(self) -> dict:
+    """Further leaves of the outer state, at their initial values (replicated)."""
+    return {}
+
+  def _island(self, state, slot=0):
+    """Inside the shard_map: the inner state in this island's `slot` (its [S, ...] slices)."""
+    return {"step": state["step"], **{k: jax.tree.map(lambda x: x[slot], state[k])
                                       for k in self.island_keys}}
 
-  def _restack(self, state, island):
+  def _restack(self, state, island, slot=0):
+    """`state` with `island` in this island's `slot`."""
+    put = ((lambda x, v: v[None]) if self.slots == 1 else
+           (lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v, slot, 0)))
     return {**state, "step": island["step"],
-            **{k: jax.tree.map(lambda x: x[None], island[k]) for k in self.island_keys}}
+            **{k: jax.tree.map(put, state[k], island[k]) for k in self.island_keys}}
+
+  def _virtual(self, slot):
+    """Inside the shard_map: the virtual island in this island's `slot`."""
+    return jax.lax.axis_index(AXIS) * self.slots + slot
 
   def _per_island(self, fn, state, *args, out_extra_specs=()):
     return jax.shard_map(fn, mesh=self.mesh, in_specs=(self.island_specs,) + (P(AXIS),) * len(args),
@@ -148,46 +166,66 @@ class DiLoCo:
       return saved
 
     def one(state):
-      island = self.inner.complete({k: v for k, v in self._island(state).items()
-                                    if k in self.inner.saved_keys})
-      return (self._restack(state, island),)
+      for slot in range(self.slots):
+        island = self.inner.complete({k: v for k, v in self._island(state, slot).items()
+                                      if k in self.inner.saved_keys})
+        state = self._restack(state, island, slot)
+      return (state,)
 
     # The derived leaves enter as zeros so the island specs cover the whole state.
     placeholder = {**saved, **{k: _stack(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), x),
-                                         self.R)
+                                         self.V)
                                for k, x in self.inner.abstract.items()
                                if k not in self.inner.saved_keys}}
     return self._per_island(one, placeholder)[0]
 
-  def _sync(self, island, tokens, outer):
-    """One outer step, from inside an island; returns (island, tokens, outer)."""
+  def _sync(self, state):
+    """One outer step, from inside an island (its local state: every slot); returns the state."""
+    outer = state["outer"]
     number = outer["step"] + 1
     alive = jnp.asarray(self.alive_table)[jnp.minimum(number, self.alive_table.shape[0] - 1),
                              jax.lax.axis_index(AXIS)]
-    delta = self._outer_gradient(outer["params"], self.inner.master_params(island),
-                                 alive * tokens[0])
+    islands = [self._island(state, slot) for slot in range(self.slots)]
+    delta = self._outer_gradient(outer["params"],
+                                 [self.inner.master_params(i) for i in islands],
+                                 self._contributions(state, alive))
     updates, opt_state = self.outer_tx.update(delta, outer["opt_state"], outer["params"])
-    new = optax.apply_updates(outer["params"], updates)
-    return (self.inner.with_params(island, self._island_params(new)), jnp.zeros_like(tokens),
-            {"params": new, "opt_state": opt_state, "step": number})
+    new = optax.apply_updates(outer["params"], self._frozen(updates, outer))
+    for slot, island in enumerate(islands):
+      state = self._restack(state, self.inner.with_params(island, self._island_params(new, slot)),
+                            slot)
+    return {**state, "tokens": jnp.zeros_like(state["tokens"]),
+            "outer": {**outer, "params": new, "opt_state": opt_state, "step": number}}
+
+  def _contributions(self, state, alive):
+    """Per slot: how much its island's pseudo-gradient weighs (its tokens; 0 when dropped)."""
+    return [alive * state["tokens"][slot] for slot in range(self.slots)]
+
+  def _frozen(self, updates, outer):
+    """The outer updates with those of parameters that must not move zeroed."""
+    return updates
 
   def _outer_gradient(self, theta, mine, contribution):
-    """sum_r w_r (theta - theta_r), w_r = contribution_r / its sum over the islands."""
+    """sum_r w_r (theta - theta_r), w_r = contribution_r / its sum over the islands (`mine` and
+    `contribution`: one per slot, DiLoCo's one)."""
+    (mine,), (contribution,) = mine, contribution
     weight = contribution / jax.lax.psum(contribution, AXIS)
     return jax.tree.map(
         lambda t, m: compression.weighted_sum(t - m, weight, self.fmt, AXIS, self.R), theta, mine)
 
-  def _island_params(self, outer_params):
-    """This island's parameters after a sync."""
+  def _island_params(self, outer_params, slot):
+    """The parameters of the island in `slot` after a sync."""
     return outer_params
 
   def update(self, state, batch):
     def island_step(state, batch):
-      island, metrics, _ = self.inner.update(self._island(state), batch)
-      tokens = state["tokens"] + metrics["train/tokens"]
-      island, tokens, outer = jax.lax.cond(island["step"] % self.H == 0, self._sync,
-                                           lambda *args: args, island, tokens, state["outer"])
-      state = {**self._restack(state, island), "tokens": tokens, "outer": outer}
+      slot = 0 if self.slots == 1 else (state["step"] // self.H) % self.slots  # trains now
+      island, metrics, _ = self.inner.update(self._island(state, slot), batch)
+      state = self._restack(state, island, slot)
+      tokens = (state["tokens"] + metrics["train/tokens"] if self.slots == 1 else
+                state["tokens"].at[slot].add(metrics["train/tokens"]))
+      state = jax.lax.cond(island["step"] % (self.H * self.slots) == 0, self._sync,
+                           lambda s: s, {**state, "tokens": tokens})
       return state, {k: v[None] for k, v in metrics.items()}
 
     state, m = self._per_island(island_step, state, batch, out_extra_specs=(P(AXIS),))

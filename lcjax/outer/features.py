@@ -131,7 +131,7 @@ def document_losses(model_cfg, params, mesh, token_docs, length: int, bos_id: in
 
   @jax.jit
   def losses(params, tokens_BT, lengths_B):
-    positions = jnp.broadcast_to(jnp.arange(length)[None], tokens_BT.shape)
+    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1])[None], tokens_BT.shape)
     valid = positions < lengths_B[:, None]
     logits = nnx.merge(graphdef, params)(tokens_BT, positions, valid.astype(jnp.int32))
     targets = jnp.concatenate([tokens_BT[:, 1:], jnp.full_like(tokens_BT[:, :1], pad_id)], 1)

@@ -142,6 +142,25 @@ def balance_bias(logits: np.ndarray, min_docs: int = 1) -> np.ndarray:
   raise RuntimeError("balance_bias did not converge")  # each round moves a document: unreachable
 
 
+def balance_labels(losses: np.ndarray) -> np.ndarray:
+  """[N] the path of least loss of each router document [N, P], except that a path no document
+  is best on takes the document that loses least by going there (from a path that keeps one):
+  two paths without labels would get the same logistic-regression scores, which no bias per
+  path can tell apart."""
+  n, num_paths = losses.shape
+  if n < num_paths:
+    raise ValueError(f"{n} router documents cannot label {num_paths} paths; raise "
+                     "outer.router_fraction or data.max_documents")
+  labels = np.argmin(losses, axis=1)
+  for p in range(num_paths):
+    if np.any(labels == p):
+      continue
+    counts = np.bincount(labels, minlength=num_paths)
+    gap = np.where(counts[labels] > 1, losses[:, p] - losses[np.arange(n), labels], np.inf)
+    labels[int(np.argmin(gap))] = p
+  return labels
+
+
 @dataclasses.dataclass
 class PathDatasets:
   """The Datasets interface (train_batch, eval_batches, unigram_entropy) over P path shards."""
@@ -149,8 +168,11 @@ class PathDatasets:
   paths: list            # Datasets per path: its train shard and its held-out documents
   whole: Datasets        # every document, unsharded (the corpus statistics)
   shard_documents: list  # train documents routed to each path
+  train_paths: np.ndarray  # [N, overlap] the shards each train document is in, best first
   router: "Router"
   router_documents: int  # train documents kept apart as router data (in no shard)
+  replicas: int = 1      # islands (mesh.replica)
+  round_steps: int = 1   # rounds (P > replicas): steps of each round (outer.inner_steps)
 
   @property
   def num_paths(self) -> int:
@@ -161,10 +183,26 @@ class PathDatasets:
     """Target tokens in each path's train shard."""
     return [d.train.num_pairs for d in self.paths]
 
+  @property
+  def rounds(self) -> int:
+    return max(1, self.num_paths // self.replicas)
+
   def train_batch(self, first_sequence: int, batch_size: int) -> dict:
-    """The global batch: path p's rows are sequences first/P .. of its shard."""
-    P = self.num_paths
-    parts = [d.train_batch(first_sequence // P, batch_size // P) for d in self.paths]
+    """The global batch: path p's rows are sequences first/P .. of its shard. In rounds (P > R
+    islands, S = P / R rounds of H steps), step s trains round j = (s // H) mod S: island r
+    reads B / R sequences of path r*S + j's shard, from where that path's earlier steps left it."""
+    P, S = self.num_paths, self.rounds
+    if S == 1:
+      parts = [d.train_batch(first_sequence // P, batch_size // P) for d in self.paths]
+    else:
+      H, rows = self.round_steps, batch_size // self.replicas
+      step = first_sequence // batch_size
+      cycles, within = divmod(step, H * S)
+      parts = []
+      for r in range(self.replicas):
+        j = (step // H) % S
+        done = cycles * H + min(max(within - j * H, 0), H)  # steps path r*S + j trained before
+        parts.append(self.paths[r * S + j].train_batch(done * rows, rows))
     return {f: np.concatenate([b[f] for b in parts]) for f in parts[0]}
 
   def eval_batches(self, batch_size: int, max_batches: int, path: int = 0):
@@ -263,11 +301,13 @@ def _fit(config, grid, features, router_tokens, tokenizer) -> Router:
   else:  # discriminative: the path of least loss on each router document
     _check_same_router_data(config)
     step, losses = features_lib.path_losses(config, grid, router_tokens, tokenizer)
-    labels = np.argmin(losses, axis=1)
+    labels = balance_labels(losses)
     weights, offset = fit_logistic(features["router"], labels, grid.num_paths)
     arrays = {"weights": weights, "offset": offset}
     info.update(paths_from=str(o.init_from), paths_step=str(step),
                 router_documents=str(len(labels)),
+                router_best=",".join(str(n) for n in np.bincount(np.argmin(losses, axis=1),
+                                                                 minlength=grid.num_paths)),
                 router_labels=",".join(str(n) for n in np.bincount(labels,
                                                                    minlength=grid.num_paths)))
   arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
@@ -347,5 +387,6 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
                            layout))
   whole = Datasets(tokenizer, pack(train_tokens, True), pack(eval_tokens, False), layout)
   return PathDatasets(tokenizer, shards, whole,
-                      [int(np.sum(train_paths == p)) for p in range(grid.num_paths)], router,
-                      len(router_docs))
+                      [int(np.sum(train_paths == p)) for p in range(grid.num_paths)], train_paths,
+                      router,
+                      len(router_docs), config.mesh.replica, o.inner_steps)
