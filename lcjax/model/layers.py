@@ -46,11 +46,14 @@ class RMSNorm(nnx.Module):
 
 
 def rope_frequencies(cfg: ModelConfig):
-  """Inverse frequencies [D/2] of RoPE, with llama3-style scaling when cfg.rope_scaling > 0."""
+  """Inverse frequencies [D/2] of RoPE, scaled as cfg.rope_type says when cfg.rope_scaling > 0."""
   D = cfg.head_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
   if not cfg.rope_scaling:
     return inv_freq
+  if cfg.rope_type == "linear":  # positions divided by the factor (position interpolation)
+    return inv_freq / cfg.rope_scaling
+  assert cfg.rope_type == "llama3", cfg.rope_type
   # Llama 3.1: long wavelengths are divided by the factor, short ones kept, and the band
   # between blended linearly in 1/wavelength.
   low_wavelen = cfg.rope_original_len / cfg.rope_low_freq_factor
