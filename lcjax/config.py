@@ -64,9 +64,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0    # RoPE base
   c.model.rope_scaling = 0.0      # RoPE frequency scaling factor (model.rope_type); 0 = off
   c.model.rope_type = "llama3"    # how rope_scaling scales: llama3 (per band, Llama 3.1) | linear
+                                  # (positions / factor) | yarn (arXiv 2309.00071, Qwen2.5)
   c.model.rope_low_freq_factor = 1.0    # llama3 scaling: wavelengths above orig_len/low are scaled
   c.model.rope_high_freq_factor = 4.0   # llama3 scaling: wavelengths below orig_len/high are kept
-  c.model.rope_original_len = 8192      # llama3 scaling: the pretraining context length
+  c.model.rope_original_len = 8192      # llama3/yarn scaling: the pretraining context length
+  c.model.rope_beta_fast = 32.0   # yarn: dimensions turning more often over rope_original_len are kept
+  c.model.rope_beta_slow = 1.0    # yarn: dimensions turning less often are interpolated
+  c.model.rope_attention_factor = 0.0  # yarn: cos/sin scale (attention temperature); 0 = 0.1 ln(factor) + 1
+  c.model.rope_truncate = True    # yarn: round the ramp's bounds out to whole dimensions
   c.model.norm_eps = 1e-5         # RMSNorm epsilon
   c.model.tie_embeddings = True   # LM head shares the token embedding
   c.model.attention_bias = False  # biases on the q, k and v projections (Qwen2)
@@ -304,11 +309,13 @@ def _check_numbers(m, o):
   _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer); got "
            f"{m.vocab_size}")
   for key in ("rope_theta", "norm_eps", "rope_low_freq_factor", "rope_high_freq_factor",
-              "rope_original_len"):
+              "rope_original_len", "rope_beta_fast", "rope_beta_slow"):
     _require(m[key] > 0, f"model.{key} must be > 0; got {m[key]}")
   _require(m.rope_scaling >= 0, f"model.rope_scaling must be >= 0 (0 = off); got {m.rope_scaling}")
-  _require(m.rope_type in ("llama3", "linear"),
-           f"model.rope_type must be llama3 or linear; got {m.rope_type!r}")
+  _require(m.rope_attention_factor >= 0, f"model.rope_attention_factor must be >= 0 (0 = derive "
+           f"it); got {m.rope_attention_factor}")
+  _require(m.rope_type in ("llama3", "linear", "yarn"),
+           f"model.rope_type must be llama3, linear or yarn; got {m.rope_type!r}")
   for key in ("b1", "b2", "momentum"):
     _require(0 <= o[key] < 1, f"optim.{key} must be in [0, 1); got {o[key]}")
   _require(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")

@@ -5,6 +5,7 @@ _mistral.py and modeling_rope_utils.py of transformers 5.x) is mirrored here; an
 model cannot express is refused with one line naming the key and the fix. `adopt` fills a run's
 config from a model directory (model.init_from_hf).
 """
+import math
 import pathlib
 
 from lcjax import cli
@@ -24,7 +25,8 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "num_attention_heads")
 # Keys of ModelConfig that RoPE rescaling (long-context continued pretraining) may change.
 RESCALABLE = ("rope_theta", "rope_scaling", "rope_type", "rope_low_freq_factor",
-              "rope_high_freq_factor", "rope_original_len")
+              "rope_high_freq_factor", "rope_original_len", "rope_beta_fast", "rope_beta_slow",
+              "rope_attention_factor", "rope_truncate")
 
 
 def directory(path) -> pathlib.Path:
@@ -65,8 +67,20 @@ def _rope(hf, path, max_positions) -> dict:
             "rope_low_freq_factor": float(params["low_freq_factor"]),
             "rope_high_freq_factor": float(params["high_freq_factor"]),
             "rope_original_len": int(original)}
-  _refuse(path, f"rope type {kind!r} is not supported", "lcjax has default, linear and llama3 "
-          "RoPE; set rope_scaling to one of them (or null) if the model allows it")
+  if kind == "yarn":
+    factor, attention = float(params["factor"]), params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim:  # DeepSeek's ratio of two temperatures
+      temperature = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+      attention = temperature(mscale) / temperature(mscale_all_dim)
+    return {"rope_theta": theta, "rope_scaling": factor, "rope_type": "yarn",
+            "rope_original_len": int(params.get("original_max_position_embeddings", max_positions)),
+            "rope_beta_fast": float(params.get("beta_fast") or 32.0),
+            "rope_beta_slow": float(params.get("beta_slow") or 1.0),
+            "rope_attention_factor": float(attention or 0.0),
+            "rope_truncate": bool(params.get("truncate", True))}
+  _refuse(path, f"rope type {kind!r} is not supported", "lcjax has default, linear, llama3 and "
+          "yarn RoPE; set rope_scaling to one of them (or null) if the model allows it")
 
 
 def _sliding_window(hf, model_type, num_layers, path) -> int:
@@ -145,6 +159,12 @@ def to_hf(model_cfg, extra=None) -> dict:
     hf.update(attention_bias=False, mlp_bias=False)
   if c.rope_scaling and c.rope_type == "linear":
     hf["rope_scaling"] = {"rope_type": "linear", "factor": c.rope_scaling}
+  elif c.rope_scaling and c.rope_type == "yarn":
+    hf["rope_scaling"] = {"rope_type": "yarn", "factor": c.rope_scaling,
+                          "original_max_position_embeddings": c.rope_original_len,
+                          "beta_fast": c.rope_beta_fast, "beta_slow": c.rope_beta_slow,
+                          "attention_factor": c.rope_attention_factor or None,
+                          "truncate": c.rope_truncate}
   elif c.rope_scaling:
     hf["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_scaling,
                           "low_freq_factor": c.rope_low_freq_factor,

@@ -42,10 +42,11 @@ FIXTURES = {  # name: (config, how it is saved)
         max_position_embeddings=512, rope_parameters={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), {}),
-    # Qwen2: q/k/v biases; saved as shards with model.safetensors.index.json
-    "qwen2": (transformers.Qwen2Config(**COMMON, rope_parameters={"rope_type": "default",
-                                                                  "rope_theta": 1e6}),
-              {"max_shard_size": "60KB"}),
+    # Qwen2.5: q/k/v biases, YaRN RoPE (ramp over dimensions 0-2 of 4 at D=8, attention
+    # factor 0.1 ln 4 + 1); saved as shards with model.safetensors.index.json
+    "qwen2": (transformers.Qwen2Config(**COMMON, max_position_embeddings=16384, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+        "original_max_position_embeddings": 4096}), {"max_shard_size": "60KB"}),
     # Mistral: a sliding window (5) shorter than the sequence (16); weights in bfloat16
     "mistral": (transformers.MistralConfig(**COMMON, sliding_window=5), {"bfloat16": True}),
 }

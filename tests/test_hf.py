@@ -89,6 +89,7 @@ def test_what_each_config_json_becomes(loaded):
   assert (llama3.rope_type, llama3.rope_scaling, llama3.rope_original_len) == ("llama3", 8.0, 64)
   assert (llama3.head_dim, llama3.num_kv_heads, llama3.tie_embeddings) == (16, 1, True)
   assert qwen2.attention_bias and not llama.attention_bias
+  assert (qwen2.rope_type, qwen2.rope_scaling, qwen2.rope_original_len) == ("yarn", 4.0, 4096)
   assert (mistral.sliding_window, llama.sliding_window, qwen2.norm_eps) == (5, 0, 1e-6)
 
 

@@ -5,7 +5,7 @@ from flax import nnx
 
 from lcjax import ops
 from lcjax.model.config import ModelConfig
-from lcjax.model.layers import Param, _init, apply_rope, rope_frequencies
+from lcjax.model.layers import Param, _init, apply_rope, rope_attention_factor, rope_frequencies
 
 
 class Attention(nnx.Module):
@@ -31,8 +31,9 @@ class Attention(nnx.Module):
     if cfg.attention_bias:
       q_BTHD, k_BTKD, v_BTKD = (x + b[...].astype(dt) for x, b in
                                 ((q_BTHD, self.bq), (k_BTKD, self.bk), (v_BTKD, self.bv)))
-    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+    factor = rope_attention_factor(cfg)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq, factor)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq, factor)
     masking = dict(causal=True, sliding_window=cfg.sliding_window or None,
                    implementation=cfg.attention)
     if cfg.document_mask:  # each packed document attends only to itself, causal by its positions

@@ -16,10 +16,14 @@ class ModelConfig:
   mlp_dim: int = 768
   rope_theta: float = 10000.0
   rope_scaling: float = 0.0          # frequency scaling factor (rope_type says how); 0 = off
-  rope_type: str = "llama3"          # llama3 (per-band, Llama 3.1) | linear (all frequencies / factor)
+  rope_type: str = "llama3"          # llama3 (per band, Llama 3.1) | linear | yarn
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_len: int = 8192
+  rope_beta_fast: float = 32.0       # yarn: dimensions turning more often are kept
+  rope_beta_slow: float = 1.0        # yarn: dimensions turning less often are interpolated
+  rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0 = 0.1 ln(factor) + 1
+  rope_truncate: bool = True         # yarn: round the ramp's bounds out to whole dimensions
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   attention_bias: bool = False       # biases on the q, k and v projections (Qwen2)
