@@ -149,7 +149,7 @@ def to_hf(model_cfg, extra=None) -> dict:
         "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
         "rope_theta": c.rope_theta, "rope_scaling": None,
         "max_position_embeddings": int(c.rope_original_len * max(c.rope_scaling, 1.0)),
-        "attention_dropout": 0.0, "dtype": "float32", **(extra or {})}
+        "attention_dropout": 0.0, **(extra or {})}
   if model_type == "qwen2":
     hf.update(use_sliding_window=bool(c.sliding_window), sliding_window=c.sliding_window or None,
               max_window_layers=0)
