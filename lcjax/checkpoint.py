@@ -17,6 +17,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from lcjax import cli
+
 # What the data position means: changing any of these (or any other data.* key) under an old
 # position reads other tokens.
 DATA_STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.eval_fraction",
@@ -127,14 +129,9 @@ class Checkpointer:
                                          item_handlers=_handlers())
 
   def _saved_config(self):
-    path = self.workdir / "config.json"
-    if not path.exists():
-      raise ValueError(f"{self.workdir / 'checkpoints'} holds checkpoints but {path} is missing, "
-                       "so they cannot be checked against this config; use a new --workdir")
-    try:
-      return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is corrupt ({e.msg}); use a new --workdir") from None
+    return cli.read_json(self.workdir / "config.json", f"{self.workdir / 'checkpoints'} holds "
+                         "checkpoints that cannot be checked against this config without it; "
+                         "use a new --workdir", "use a new --workdir")
 
   def _check_data_stream(self):
     checkpoints = self.workdir / "checkpoints"

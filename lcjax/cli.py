@@ -10,7 +10,9 @@ Configs: `--config=FILE.py[:ARG]` (a file whose get_config(ARG) returns a Config
 number of `--config.section.key=VALUE`, each parsed as the type of the key's default.
 """
 import importlib.util
+import json
 import os
+import pathlib
 import sys
 
 import ml_collections
@@ -50,6 +52,18 @@ def run(body, argv) -> int:
     print("lcjax: interrupted", file=sys.stderr, flush=True)
     return 130
   return 0
+
+
+def read_json(path, missing: str, corrupt: str):
+  """The JSON file `path`; ValueError in one line, `missing` or `corrupt` (the fix) after what
+  went wrong, if it is absent or not JSON."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ValueError(f"{path} not found; {missing}")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is corrupt ({e.msg} at line {e.lineno}); {corrupt}") from None
 
 
 def parse_flags(flag_values: flags.FlagValues, argv, required=(), doc=""):

@@ -62,12 +62,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_dim = 768           # SwiGLU hidden width F
   c.model.vocab_size = 0          # embedding rows; 0 = tokenizer vocab rounded up to a multiple of 128
   c.model.rope_theta = 10000.0    # RoPE base
-  c.model.rope_scaling = 0.0      # llama3-style frequency scaling factor; 0 = off
+  c.model.rope_scaling = 0.0      # RoPE frequency scaling factor (model.rope_type); 0 = off
+  c.model.rope_type = "llama3"    # how rope_scaling scales: llama3 (per band, Llama 3.1) | linear
+                                  # (positions / factor) | yarn (arXiv 2309.00071, Qwen2.5)
   c.model.rope_low_freq_factor = 1.0    # llama3 scaling: wavelengths above orig_len/low are scaled
   c.model.rope_high_freq_factor = 4.0   # llama3 scaling: wavelengths below orig_len/high are kept
-  c.model.rope_original_len = 8192      # llama3 scaling: the pretraining context length
+  c.model.rope_original_len = 8192      # llama3/yarn scaling: the pretraining context length
+  c.model.rope_beta_fast = 32.0   # yarn: dimensions turning more often over rope_original_len are kept
+  c.model.rope_beta_slow = 1.0    # yarn: dimensions turning less often are interpolated
+  c.model.rope_attention_factor = 0.0  # yarn: cos/sin scale (attention temperature); 0 = 0.1 ln(factor) + 1
+  c.model.rope_truncate = True    # yarn: round the ramp's bounds out to whole dimensions
   c.model.norm_eps = 1e-5         # RMSNorm epsilon
   c.model.tie_embeddings = True   # LM head shares the token embedding
+  c.model.attention_bias = False  # biases on the q, k and v projections (Qwen2)
+  c.model.init_from_hf = ""       # a local Hugging Face model directory (config.json + safetensors,
+                                  # lcjax/hf.py): the model's shape comes from its config.json (model
+                                  # keys left at their defaults take its values; rope_* keys may
+                                  # rescale RoPE; any other key that differs is an error) and this run
+                                  # starts from its weights unless it resumes its own checkpoint
   c.model.dtype = "float32"       # compute dtype (params stay float32): float32 | bfloat16
   c.model.attention = "auto"      # ops.attention implementation: auto | reference | xla | pallas |
                                   # cudnn (GPU; needs dtype bfloat16, document_mask False)
@@ -140,7 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.05     # fraction of files (or JSONL documents) held out when splitting
   c.data.text_field = "text"      # jsonl: the field holding the document text
   c.data.tokenizer = "bytes"      # bytes | hf (local tokenizer.json) | sentencepiece (local .model)
-  c.data.tokenizer_path = ""      # path of the tokenizer file for hf/sentencepiece
+  c.data.tokenizer_path = ""      # path of the tokenizer file for hf/sentencepiece (hf with
+                                  # model.init_from_hf: "" = that directory's tokenizer.json)
   c.data.max_documents = 0        # use only the first N documents of each split; 0 = all
   c.data.eval_skip_prefix = 0     # held-out loss leaves out each document's first N targets
                                   # (DiPaCo's routing prefix: score every model after it)
@@ -311,9 +324,13 @@ def _check_numbers(m, o):
   _require(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer); got "
            f"{m.vocab_size}")
   for key in ("rope_theta", "norm_eps", "rope_low_freq_factor", "rope_high_freq_factor",
-              "rope_original_len"):
+              "rope_original_len", "rope_beta_fast", "rope_beta_slow"):
     _require(m[key] > 0, f"model.{key} must be > 0; got {m[key]}")
   _require(m.rope_scaling >= 0, f"model.rope_scaling must be >= 0 (0 = off); got {m.rope_scaling}")
+  _require(m.rope_attention_factor >= 0, f"model.rope_attention_factor must be >= 0 (0 = derive "
+           f"it); got {m.rope_attention_factor}")
+  _require(m.rope_type in ("llama3", "linear", "yarn"),
+           f"model.rope_type must be llama3, linear or yarn; got {m.rope_type!r}")
   for key in ("b1", "b2", "momentum"):
     _require(0 <= o[key] < 1, f"optim.{key} must be in [0, 1); got {o[key]}")
   _require(o.eps > 0, f"optim.eps must be > 0; got {o.eps}")
@@ -327,6 +344,9 @@ def validate(config) -> ml_collections.ConfigDict:
   _check_types(config, base)
   full = base
   full.update(config)  # missing keys keep their defaults
+  if full.model.init_from_hf:  # the model's shape (and the hf tokenizer) from its config.json
+    from lcjax import hf
+    hf.adopt(full)
   t, m, o, d = full.train, full.model, full.optim, full.data
   _check_train(t, o)
   _check_numbers(m, o)

@@ -3,8 +3,8 @@
 Runs the full forward pass over a fixed window of `context` tokens for each new token (one
 compiled program for the whole sample); the window slides once it is full.
 """
+import contextlib
 import dataclasses
-import json
 import math
 import pathlib
 import sys
@@ -53,24 +53,21 @@ def generate(model_cfg, mesh, params, tokenizer, prompt: str, num_tokens: int, *
   return tokenizer.decode(tokens[1:])
 
 
-def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: float) -> str:
-  """Samples from the latest checkpoint of DIR: the parameters its evaluation uses (the shared
-  ones of an outer loop), read alone onto this machine's devices, whatever mesh trained them."""
+@contextlib.contextmanager
+def workdir_params(workdir, prompt=None):
+  """Yields (prepared, params) of DIR's latest checkpoint, under its mesh: the parameters its
+  evaluation uses (the shared ones of an outer loop; DiPaCo: the path `prompt` is routed to,
+  path 0 without one), read alone onto this machine's devices, whatever mesh trained them."""
   from lcjax import checkpoint as checkpoint_lib
   from lcjax import program as program_lib
   from lcjax import train as train_lib
 
-  config_path = pathlib.Path(workdir) / "config.json"
-  if not config_path.exists():
-    raise ValueError(f"{config_path} not found; --workdir must be a directory that lcjax trained in")
-  try:
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path} is corrupt ({e.msg}); it is the run's record of its "
-                     "config, written by lcjax.main") from None
+  config = ml_collections.ConfigDict(cli.read_json(
+      pathlib.Path(workdir) / "config.json", "--workdir must be a directory that lcjax trained in",
+      "it is the run's record of its config, written by lcjax.main"))
   local_mesh = ml_collections.ConfigDict(
       {"replica": 1, "data": -1, "fsdp": 1, "ring": 1, "ulysses": 1, "tensor": 1})
-  config.train.batch_size = jax.device_count()  # the batch plays no part in sampling
+  config.train.batch_size = jax.device_count()  # the batch plays no part here
   prepared = train_lib.prepare(config, with_data=False, mesh_config=local_mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, prepared.config, read_only=True)
   try:
@@ -80,17 +77,22 @@ def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: floa
     with jax.set_mesh(prepared.mesh):
       program = program_lib.build(prepared, aot=True)
       path = 0
-      if program.num_paths > 1:  # DiPaCo: the prompt runs on the path it is routed to
+      if program.num_paths > 1 and prompt is not None:  # DiPaCo: the prompt's path
         from lcjax.outer import routing
         path = routing.route_text(prepared.config, prompt,
                                   routing.load_router(pathlib.Path(workdir) / "router.safetensors"))
         print(f"[lcjax] DiPaCo: the prompt is routed to path {path} of {program.num_paths} "
               f"(modules {program.stage.grid.describe(path)})", file=sys.stderr)
-      params = program.restore_model_params(checkpointer, step, path)
-      return generate(prepared.model_cfg, prepared.mesh, params, prepared.tokenizer, prompt,
-                      num_tokens, context=config.train.seq_len, temperature=temperature)
+      yield prepared, program.restore_model_params(checkpointer, step, path)
   finally:
     checkpointer.close()
+
+
+def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: float) -> str:
+  """Samples from the latest checkpoint of DIR (workdir_params)."""
+  with workdir_params(workdir, prompt) as (prepared, params):
+    return generate(prepared.model_cfg, prepared.mesh, params, prepared.tokenizer, prompt,
+                    num_tokens, context=prepared.config.train.seq_len, temperature=temperature)
 
 
 def check_flags(num_tokens: int, temperature: float):

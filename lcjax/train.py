@@ -22,6 +22,7 @@ from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import data as data_lib
 from lcjax import guard
+from lcjax import hf as hf_lib
 from lcjax import mesh as mesh_lib
 from lcjax import metrics as metrics_lib
 from lcjax import ops
@@ -145,10 +146,13 @@ def _target_verdict(target, record) -> dict:
 
 def state_source(config, checkpointer):
   """Where this run's state comes from, in the resume order: this run's latest checkpoint,
-  then another run's (outer.init_from), then scratch."""
+  then a Hugging Face model (model.init_from_hf), then another run's (outer.init_from), then
+  scratch."""
   latest = checkpointer.latest_step()
   if latest is not None:
     return program_lib.ThisRun(checkpointer, latest)
+  if config.model.init_from_hf:
+    return hf_lib.Pretrained(config.model.init_from_hf)
   o = config.outer
   if o.kind == "dipaco" and o.init_from:  # a DiPaCo run goes on here, re-routed
     return program_lib.OtherRun(o.init_from, o.init_step, same_program=True)
@@ -230,7 +234,8 @@ def _run(prepared, workdir, dry_run, target) -> dict:
         writer.write(latest or 0, {"dry_run": True, **record})
         return record
       source = state_source(config, checkpointer)
-      state, next_sequence = program.init(source)
+      state, next_sequence = (source.init(program) if isinstance(source, hf_lib.Pretrained)
+                              else program.init(source))
       start = int(state["step"])
       if getattr(datasets, "rounds", 1) > 1 and next_sequence != start * config.train.batch_size:
         raise ValueError(f"DiPaCo in rounds reads each path's shard by the step: the state starts "

@@ -5,7 +5,7 @@ from flax import nnx
 
 from lcjax import ops
 from lcjax.model.config import ModelConfig
-from lcjax.model.layers import Param, _init, apply_rope, rope_frequencies
+from lcjax.model.layers import Param, _init, apply_rope, rope_attention_factor, rope_frequencies
 
 
 class Attention(nnx.Module):
@@ -14,6 +14,10 @@ class Attention(nnx.Module):
     self.wq = Param(_init(rngs, (E, H, D), (0,)), logical_axes=("embed", "heads", "head_dim"))
     self.wk = Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
     self.wv = Param(_init(rngs, (E, K, D), (0,)), logical_axes=("embed", "kv_heads", "head_dim"))
+    if cfg.attention_bias:  # Qwen2: q, k and v projections carry biases
+      self.bq = Param(jnp.zeros((H, D), jnp.float32), logical_axes=("heads", "head_dim"))
+      self.bk = Param(jnp.zeros((K, D), jnp.float32), logical_axes=("kv_heads", "head_dim"))
+      self.bv = Param(jnp.zeros((K, D), jnp.float32), logical_axes=("kv_heads", "head_dim"))
     self.wo = Param(_init(rngs, (H, D, E), (0, 1), 1 / (2 * cfg.num_layers) ** 0.5),
                         logical_axes=("heads", "head_dim", "embed"))
     self.cfg = cfg
@@ -21,11 +25,15 @@ class Attention(nnx.Module):
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     inv_freq = rope_frequencies(cfg)
-    q_BTHD = apply_rope(jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt)),
-                        positions_BT, inv_freq)
-    k_BTKD = apply_rope(jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt)),
-                        positions_BT, inv_freq)
+    q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
+    k_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wk[...].astype(dt))
     v_BTKD = jnp.einsum("bte,ekd->btkd", x_BTE, self.wv[...].astype(dt))
+    if cfg.attention_bias:
+      q_BTHD, k_BTKD, v_BTKD = (x + b[...].astype(dt) for x, b in
+                                ((q_BTHD, self.bq), (k_BTKD, self.bk), (v_BTKD, self.bv)))
+    factor = rope_attention_factor(cfg)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq, factor)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq, factor)
     masking = dict(causal=True, sliding_window=cfg.sliding_window or None,
                    implementation=cfg.attention)
     if cfg.document_mask:  # each packed document attends only to itself, causal by its positions

@@ -15,12 +15,18 @@ class ModelConfig:
   head_dim: int = 64
   mlp_dim: int = 768
   rope_theta: float = 10000.0
-  rope_scaling: float = 0.0          # llama3 factor; 0 = off
+  rope_scaling: float = 0.0          # frequency scaling factor (rope_type says how); 0 = off
+  rope_type: str = "llama3"          # llama3 (per band, Llama 3.1) | linear | yarn
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_len: int = 8192
+  rope_beta_fast: float = 32.0       # yarn: dimensions turning more often are kept
+  rope_beta_slow: float = 1.0        # yarn: dimensions turning less often are interpolated
+  rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0 = 0.1 ln(factor) + 1
+  rope_truncate: bool = True         # yarn: round the ramp's bounds out to whole dimensions
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
+  attention_bias: bool = False       # biases on the q, k and v projections (Qwen2)
   dtype: str = "float32"             # compute dtype; parameters are float32
   attention: str = "auto"
   sliding_window: int = 0            # 0 = unlimited
@@ -59,5 +65,7 @@ class ModelConfig:
     E, H, K, D, F, V = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
                         self.mlp_dim, self.vocab_size)
     block = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E
+    if self.attention_bias:
+      block += (H + 2 * K) * D
     head = 0 if self.tie_embeddings else V * E
     return V * E + self.num_layers * block + E + head

@@ -46,11 +46,16 @@ class RMSNorm(nnx.Module):
 
 
 def rope_frequencies(cfg: ModelConfig):
-  """Inverse frequencies [D/2] of RoPE, with llama3-style scaling when cfg.rope_scaling > 0."""
+  """Inverse frequencies [D/2] of RoPE, scaled as cfg.rope_type says when cfg.rope_scaling > 0."""
   D = cfg.head_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
   if not cfg.rope_scaling:
     return inv_freq
+  if cfg.rope_type == "linear":  # positions divided by the factor (position interpolation)
+    return inv_freq / cfg.rope_scaling
+  if cfg.rope_type == "yarn":
+    return _yarn_frequencies(cfg, inv_freq)
+  assert cfg.rope_type == "llama3", cfg.rope_type
   # Llama 3.1: long wavelengths are divided by the factor, short ones kept, and the band
   # between blended linearly in 1/wavelength.
   low_wavelen = cfg.rope_original_len / cfg.rope_low_freq_factor
@@ -63,10 +68,41 @@ def rope_frequencies(cfg: ModelConfig):
                    jnp.where(wavelen < high_wavelen, inv_freq, blended))
 
 
-def apply_rope(x_BTHD, positions_BT, inv_freq):
-  """Rotates pairs (x[..., :D/2], x[..., D/2:]) by position * inv_freq, in float32."""
+def _yarn_frequencies(cfg: ModelConfig, inv_freq):
+  """YaRN (arXiv 2309.00071, eq. 17-19): dimensions turning fewer than beta_slow times over
+  the original context are interpolated (divided by the factor), those turning more than
+  beta_fast times kept, with a linear ramp between; bounds rounded out (floor, ceil) unless
+  rope_truncate is off."""
+  D, base, original = cfg.head_dim, cfg.rope_theta, cfg.rope_original_len
+
+  def dim_of(rotations):  # the dimension index that turns `rotations` times over `original`
+    return D * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, D - 1)
+  high += 0.001 if low == high else 0
+  ramp = jnp.clip((jnp.arange(D // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  return inv_freq / cfg.rope_scaling * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """What RoPE's cos and sin are multiplied by: YaRN's attention temperature, 1 otherwise."""
+  if cfg.rope_type != "yarn" or not cfg.rope_scaling:
+    return 1.0
+  if cfg.rope_attention_factor:
+    return cfg.rope_attention_factor
+  return 0.1 * math.log(cfg.rope_scaling) + 1.0 if cfg.rope_scaling > 1 else 1.0
+
+
+def apply_rope(x_BTHD, positions_BT, inv_freq, attention_factor: float = 1.0):
+  """Rotates pairs (x[..., :D/2], x[..., D/2:]) by position * inv_freq, in float32; the
+  result scaled by attention_factor (YaRN)."""
   angles = positions_BT[:, :, None, None].astype(jnp.float32) * inv_freq
   sin, cos = jnp.sin(angles), jnp.cos(angles)
+  if attention_factor != 1.0:
+    sin, cos = sin * attention_factor, cos * attention_factor
   x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHD.dtype)
