@@ -10,6 +10,12 @@ import ml_collections
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
 MESH_AXES = ("replica", "data", "fsdp", "ring", "ulysses", "tensor")
+
+
+def mesh_size(mesh_config, axis: str) -> int:
+  """An axis's whole size: per host (mesh.<axis>) x across hosts (mesh.dcn_<axis>). mesh.data
+  may be -1 (filled when the mesh is built), so ask the mesh for that one."""
+  return mesh_config[axis] * mesh_config.get(f"dcn_{axis}", 1)
 ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_interpret", "cudnn")
 COMPRESSION_FORMATS = ("float32", "bfloat16", "int8", "int4")  # outer/compression.py
 ROUTINGS = ("uniform", "kmeans", "product_kmeans", "discriminative")  # outer/routing.py
@@ -47,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.ring = 1                 # sequence parallel, ring attention
   c.mesh.ulysses = 1              # sequence parallel, all-to-all head scatter
   c.mesh.tensor = 1               # tensor parallel over heads and MLP hidden
+  # Several hosts (or TPU slices): the sizes above are per host (ICI / NVLink); each axis may also
+  # span hosts over the slow links (DCN / network): its whole size is mesh.<axis> x
+  # mesh.dcn_<axis>, and the product of the dcn_ sizes is the number of hosts (processes, or TPU
+  # slices). DiLoCo/DiPaCo islands belong there (dcn_replica), and plain data parallelism.
+  for axis in MESH_AXES:
+    c.mesh[f"dcn_{axis}"] = 1       # this axis's size across hosts (1: within one host)
 
   c.sp = ml_collections.ConfigDict()   # sequence parallelism, on when mesh.ring * mesh.ulysses > 1
   c.sp.strategy = "usp"           # usp (Ulysses inside ring) | ulysses | ring | allgather | auto
@@ -217,7 +229,7 @@ def _check_outer(full):
   _require(0 <= u.momentum < 1, f"outer.momentum must be in [0, 1); got {u.momentum}")
   _require(u.compression in COMPRESSION_FORMATS,
            f"outer.compression must be one of {COMPRESSION_FORMATS}; got {u.compression!r}")
-  parse_drops(u.drop_replicas, full.mesh.replica)
+  parse_drops(u.drop_replicas, mesh_size(full.mesh, "replica"))
   _require(not full.optim.offload or full.optim.update_on in ("auto", "device"),
            f"optim.update_on={full.optim.update_on!r} puts subgroups on host lanes, which run "
            "outside the step; inside outer.kind='diloco' islands every subgroup streams through "
@@ -228,14 +240,14 @@ def _check_dipaco(full):
   from lcjax.outer import paths
   u = full.outer
   grid = paths.grid_of(full)
-  R, P = full.mesh.replica, grid.num_paths
+  R, P = mesh_size(full.mesh, "replica"), grid.num_paths
   _require(R % P == 0 or P % R == 0,
            f"outer.modules={u.modules!r} gives {P} paths; mesh.replica ({R}) must be a multiple "
            f"of it (each path trains on mesh.replica / P islands) or divide it (the paths train "
            "in P / mesh.replica rounds)")
-  _require(full.train.batch_size % full.mesh.replica == 0,
+  _require(full.train.batch_size % mesh_size(full.mesh, "replica") == 0,
            f"train.batch_size ({full.train.batch_size}) must be a multiple of mesh.replica "
-           f"({full.mesh.replica}): every island reads its share of its path's batch")
+           f"({mesh_size(full.mesh, 'replica')}): every island reads its share of its path's batch")
   _require(u.routing in ROUTINGS, f"outer.routing must be one of {ROUTINGS}; got {u.routing!r}")
   _require(u.routing == "uniform" or u.base_from, f"outer.routing={u.routing!r} routes by a "
            "base model's features: set outer.base_from to a plain run's workdir")
@@ -270,13 +282,13 @@ def _check_cudnn(full):
            "model.attention='xla'")
   _require(m.head_dim % 8 == 0 and m.head_dim <= 256, f"model.attention='cudnn' needs "
            f"model.head_dim a multiple of 8 and at most 256 (128 before Hopper); got {m.head_dim}")
-  if mesh.ring * mesh.ulysses == 1:
+  if mesh_size(mesh, "ring") * mesh_size(mesh, "ulysses") == 1:
     return
   _require(sp.strategy not in ("allgather", "auto"), f"sp.strategy={sp.strategy!r} with "
            "model.attention='cudnn': all-gather (which 'auto' may choose) attends queries at a "
            "global offset, which cuDNN's index masks cannot express; choose sp.strategy usp, "
            "ulysses or ring")
-  ring = sp.strategy == "ring" or (sp.strategy == "usp" and mesh.ring > 1)
+  ring = sp.strategy == "ring" or (sp.strategy == "usp" and mesh_size(mesh, "ring") > 1)
   _require(not (ring and m.sliding_window), f"model.sliding_window={m.sliding_window} with a "
            "ring and model.attention='cudnn': cuDNN cannot window the ring's off-diagonal blocks; "
            "use sp.strategy='ulysses', no window, or model.attention='xla'")
@@ -401,14 +413,18 @@ def validate(config) -> ml_collections.ConfigDict:
   for axis in MESH_AXES:
     _require(full.mesh[axis] >= 1 or (axis == "data" and full.mesh[axis] == -1),
              f"mesh.{axis} must be >= 1 (mesh.data may be -1: fill); got {full.mesh[axis]}")
+    _require(full.mesh[f"dcn_{axis}"] >= 1,
+             f"mesh.dcn_{axis} must be >= 1 (1: the axis stays within a host); got "
+             f"{full.mesh[f'dcn_{axis}']}")
   _check_outer(full)
   _require(full.outer.kind != "none" or not full.outer.drop_replicas,
            "outer.drop_replicas leaves islands out of outer syncs, which need "
            "outer.kind='diloco'; remove it or set outer.kind")
-  if full.mesh.ring * full.mesh.ulysses > 1:
+  if mesh_size(full.mesh, "ring") * mesh_size(full.mesh, "ulysses") > 1:
     from lcjax import ops  # imported here: config stays importable without JAX set up
     ops.check_sequence_parallel(m.num_heads, m.num_kv_heads, t.seq_len,
-                                ring_size=full.mesh.ring, ulysses_size=full.mesh.ulysses,
+                                ring_size=mesh_size(full.mesh, "ring"),
+                                ulysses_size=mesh_size(full.mesh, "ulysses"),
                                 strategy=full.sp.strategy, layout=full.sp.layout)
   full.lock()
   return full

@@ -1,5 +1,9 @@
 """CLI: python -m lcjax.main --config=experiments/tiny_cpu.py --workdir=DIR [--config.a.b=v]
 [--dry_run [--target=tpu:v5p:2x2x2 | gpu:h100:8 | ...]]
+[--coordinator=HOST:PORT --num_processes=N --process_id=I]
+
+Several processes (hosts) run the same command, each with its --process_id (scripts/launch_*.sh);
+under SLURM, Open MPI or on a TPU VM pod the three flags are found in the environment instead.
 
 Exit status: 0 done, 1 bad input (one `lcjax: error:` line), 3 stopped on a non-finite loss,
 75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun the same command to resume).
@@ -24,6 +28,12 @@ def _flags() -> flags.FlagValues:
   flags.DEFINE_string("target", None, "with --dry_run: compile for this accelerator's "
                       "compile-only devices (lcjax.targets: tpu:v5p:2x2x2, tpu:v6e:4x4, "
                       "gpu:h100:8, gpu:h200:2x8, ...) and judge fit by its memory", flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "multi-process run: HOST:PORT of process 0's "
+                      "coordination service", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-process run: how many processes",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-process run: this process's index, 0 .. N-1",
+                       flag_values=fv)
   return fv
 
 
@@ -36,8 +46,16 @@ def _main(argv):
   config = cli.apply_overrides(cli.load_config(fv.config), overrides, config_lib.base_config())
   if fv.target:  # compile-only devices: no accelerator of this host is wanted
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from lcjax import distributed
+  processes = distributed.from_flags(fv.coordinator, fv.num_processes, fv.process_id)
+  if processes and fv.target:
+    raise ValueError("--target compiles on this one machine for compile-only devices; drop "
+                     "--coordinator/--num_processes/--process_id (or the cluster's variables)")
+  distributed.initialize(processes)
   from lcjax import train  # after the flags, so JAX sees the environment as set
   result = train.train_and_evaluate(config, fv.workdir, dry_run=fv.dry_run, target=fv.target)
+  if not distributed.is_leader():
+    return
   print(json.dumps(result, indent=1, sort_keys=True))
   if "eval/loss" in result:
     loss, unigram = result["eval/loss"], result["data/unigram_entropy"]

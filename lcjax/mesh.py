@@ -51,16 +51,55 @@ def mesh_shape(mesh_config, device_count: int) -> dict:
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   """The mesh over `devices`, laid on their physical topology (jax.make_mesh). An axis size that
-  is no product of whole physical axes (2 on a 4x4x4 TPU slice) splits a physical axis."""
+  is no product of whole physical axes (2 on a 4x4x4 TPU slice) splits a physical axis. With
+  mesh.dcn_<axis> sizes, each axis is its per-host size within a host (ICI) times its dcn size
+  across hosts (processes, or TPU slices): the slow links carry only the dcn part."""
   devices = jax.devices() if devices is None else devices
+  dcn = dcn_shape(mesh_config)
+  types = (AxisType.Auto,) * len(AXES)
+  if math.prod(dcn) > 1:
+    return jax.sharding.Mesh(_hybrid_grid(mesh_config, dcn, devices), AXES, axis_types=types)
   sizes = mesh_shape(mesh_config, len(devices))
-  shape, types = tuple(sizes[a] for a in AXES), (AxisType.Auto,) * len(AXES)
+  shape = tuple(sizes[a] for a in AXES)
   try:
     return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
   except NotImplementedError:  # "Failed to find assignment for logical_axis_index ..."
     from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, AXES, axis_types=types)
+
+
+def dcn_shape(mesh_config) -> tuple:
+  """Per-axis sizes across hosts (1 where the config has no mesh.dcn_<axis>)."""
+  return tuple(int(mesh_config.get(f"dcn_{axis}", 1)) for axis in AXES)
+
+
+def _granule(device) -> int:
+  """What the slow links connect: TPU slices where devices have them, else processes (hosts)."""
+  return device.slice_index if _by_slice(device) else device.process_index
+
+
+def _by_slice(device) -> bool:
+  return device.platform == "tpu" and getattr(device, "slice_index", None) is not None
+
+
+def _hybrid_grid(mesh_config, dcn, devices):
+  from jax.experimental import mesh_utils
+  granules = sorted({_granule(d) for d in devices})
+  if math.prod(dcn) != len(granules):
+    named = {f"dcn_{a}": n for a, n in zip(AXES, dcn) if n > 1}
+    raise ValueError(f"mesh sizes across hosts {named} multiply to {math.prod(dcn)} but the "
+                     f"{len(devices)} devices are on {len(granules)} hosts (processes or slices); "
+                     "make the product of the mesh.dcn_* sizes equal the number of hosts")
+  per_host = len(devices) // len(granules)
+  try:
+    sizes = mesh_shape(mesh_config, per_host)
+  except ValueError as e:
+    raise ValueError(f"per host ({per_host} devices each): {e}") from None
+  return mesh_utils.create_hybrid_device_mesh(
+      tuple(sizes[a] for a in AXES), dcn, devices,
+      process_is_granule=not _by_slice(devices[0]),
+      allow_split_physical_axes=True)
 
 
 def _mesh_axes_for(name, mesh):

@@ -49,12 +49,16 @@ class MetricsWriter:
   records past it are about to be logged again, so they are dropped from the JSONL, and the
   TensorBoard events are rebuilt from the records kept (no point twice). None (a dry run)
   keeps everything. Each record is one whole line, flushed; values are strict JSON (NaN and
-  infinities as null)."""
+  infinities as null). On several processes only process 0 writes; the others keep the
+  records they are given in memory."""
 
   def __init__(self, workdir, keep_through: int | None):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._tb_dir = pathlib.Path(workdir) / "tensorboard"
-    self._tb = None
+    self._tb = self._file = None
+    self.records = []
+    if jax.process_index() != 0:
+      return
     records = read_records(self.path) if self.path.exists() else []
     kept = records if keep_through is None else [r for r in records if r["step"] <= keep_through]
     if self.path.exists() and (kept != records or _torn(self.path)):
@@ -73,9 +77,11 @@ class MetricsWriter:
 
   def write(self, step: int, record: dict):
     record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
+    self.records.append(record)
+    if self._file is None:
+      return
     self._file.write(_line(record))
     self._file.flush()
-    self.records.append(record)
     self._mirror(record)
 
   def _mirror(self, record):
@@ -90,7 +96,8 @@ class MetricsWriter:
       self._tb.add_scalar(key, value, record["step"])
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

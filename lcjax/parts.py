@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -61,9 +62,35 @@ def abstract_batch(batch_size, seq_len, sharding):
           for f in FIELDS}
 
 
-def device_batch(batch_np, sharding):
-  """Host numpy batch (the global batch, identical on every process) -> sharded global arrays.
-  The one host-to-device transfer of the loop, allowed here under its transfer guard."""
+def device_batch(batch_np, sharding, share=None):
+  """Host numpy batch -> sharded global arrays: the one host-to-device transfer of the loop,
+  allowed here under its transfer guard. `batch_np` is the whole global batch, or, with a
+  `RowShare`, only the rows this process's devices hold (a multi-process run)."""
   with jax.transfer_guard_host_to_device("allow"):
-    return {f: jax.make_array_from_callback(v.shape, sharding, functools.partial(v.__getitem__))
+    if share is None:
+      return {f: jax.make_array_from_callback(v.shape, sharding, functools.partial(v.__getitem__))
+              for f, v in batch_np.items()}
+    return {f: jax.make_array_from_callback((share.batch_size,) + v.shape[1:], sharding,
+                                            functools.partial(share.block, v))
             for f, v in batch_np.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RowShare:
+  """The rows of the global [batch_size, ...] batch that this process's devices hold: what the
+  process builds on its host (none of the others' rows)."""
+  rows: np.ndarray          # sorted global row indices
+  batch_size: int
+
+  @classmethod
+  def of(cls, sharding, batch_size: int, seq_len: int) -> "RowShare":
+    blocks = sharding.addressable_devices_indices_map((batch_size, seq_len)).values()
+    rows = sorted({r for index in blocks for r in range(*index[0].indices(batch_size))})
+    return cls(np.asarray(rows, np.int64), batch_size)
+
+  def block(self, local_rows, index):
+    """The block `index` (global slices) of the global batch, from this process's rows."""
+    wanted = np.arange(self.batch_size)[index[0]]
+    at = np.searchsorted(self.rows, wanted)
+    assert np.array_equal(self.rows[np.minimum(at, len(self.rows) - 1)], wanted), (index, self.rows)
+    return local_rows[at][(slice(None),) + tuple(index[1:])]

@@ -70,9 +70,9 @@ def stage_for(parts, config, tx, mesh, *, aot: bool = False, shard_tokens=None):
   else:
     inner = inner_lib.Plain(parts, tx, schedule)
   if config.outer.kind == "diloco":
-    return diloco.DiLoCo(inner, config.outer, config.mesh.replica, mesh)
+    return diloco.DiLoCo(inner, config.outer, mesh.shape["replica"], mesh)
   if config.outer.kind == "dipaco":
-    return dipaco.DiPaCo(inner, config.outer, config.mesh.replica, mesh,
+    return dipaco.DiPaCo(inner, config.outer, mesh.shape["replica"], mesh,
                          paths.grid_of(config), shard_tokens)
   return inner
 

@@ -21,6 +21,7 @@ import tqdm
 from lcjax import checkpoint as checkpoint_lib
 from lcjax import config as config_lib
 from lcjax import data as data_lib
+from lcjax import distributed
 from lcjax import guard
 from lcjax import hf as hf_lib
 from lcjax import mesh as mesh_lib
@@ -45,7 +46,7 @@ def _check_batch(config, mesh):
 
 def _sequence_layout(config):
   """The token permutation of sequence parallelism (None when it is off)."""
-  ring, ulysses = config.mesh.ring, config.mesh.ulysses
+  ring, ulysses = (config_lib.mesh_size(config.mesh, a) for a in ("ring", "ulysses"))
   if ring * ulysses == 1:
     return None
   return np.asarray(ops.sequence_layout(config.train.seq_len, ring, ulysses, config.sp.layout))
@@ -87,11 +88,24 @@ def prepare(config, *, with_data: bool = True, devices=None, mesh_config=None) -
                   datasets)
 
 
-def _eval_sums(program, params, batches) -> tuple[float, float]:
+def row_share(program, config):
+  """The rows of each global batch this process builds (None: one process builds them all)."""
+  if jax.process_count() == 1:
+    return None
+  return parts_lib.RowShare.of(program.batch_sharding, config.train.batch_size,
+                               config.train.seq_len)
+
+
+def _on_device(program, batch, share):
+  if share is not None:
+    batch = {f: v[share.rows] for f, v in batch.items()}
+  return parts_lib.device_batch(batch, program.batch_sharding, share)
+
+
+def _eval_sums(program, params, batches, share) -> tuple[float, float]:
   """(cross-entropy sum, token count) over held-out batches."""
   sums = jax.device_get([  # all batches dispatched first, then one host sync
-      program.eval(params, parts_lib.device_batch(batch, program.batch_sharding))
-      for batch in batches])
+      program.eval(params, _on_device(program, batch, share)) for batch in batches])
   return sum(float(s) for s, _ in sums), sum(float(c) for _, c in sums)
 
 
@@ -99,15 +113,15 @@ def evaluate(program, state, datasets, config) -> dict:
   """Exact held-out mean loss over the evaluated tokens (not a mean of batch means). With
   DiPaCo's paths every held-out document is evaluated with the path it is routed to:
   eval/loss is that routed mixture's, eval/loss/path<p> each path's on its documents."""
-  t, record = config.train, {}
+  t, record, share = config.train, {}, row_share(program, config)
   if program.num_paths == 1:
     loss_sum, count = _eval_sums(program, program.model_params(state),
-                                 datasets.eval_batches(t.batch_size, t.eval_batches))
+                                 datasets.eval_batches(t.batch_size, t.eval_batches), share)
   else:
     loss_sum = count = 0.0
     for p in range(program.num_paths):
       s, c = _eval_sums(program, program.path_params(state, p),
-                        datasets.eval_batches(t.batch_size, t.eval_batches, path=p))
+                        datasets.eval_batches(t.batch_size, t.eval_batches, path=p), share)
       if c:  # a path no held-out document is routed to has no held-out loss
         record[f"eval/loss/path{p}"] = s / c
       loss_sum, count = loss_sum + s, count + c
@@ -180,7 +194,8 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False, target=None) -
     raise ValueError(f"target {getattr(target, 'name', target)!r} has compile-only devices: "
                      "nothing can run on them; add --dry_run to compile for it")
   target = targets_lib.parse(target) if isinstance(target, str) else target
-  prepared = prepare(config, devices=target.devices() if target else None)
+  # On several processes a bad config, mesh or data path stops every process with one line.
+  prepared = distributed.agreed(lambda: prepare(config, devices=target.devices() if target else None))
   config, mesh, datasets, model_cfg = prepared
   workdir = pathlib.Path(workdir)
   lock = workdir_lib.Lock(workdir)  # before anything in the workdir is read or written
@@ -192,7 +207,8 @@ def train_and_evaluate(config, workdir, *, dry_run: bool = False, target=None) -
       text = sample_lib.generate(model_cfg, mesh, result.pop("params"), datasets.tokenizer,
                                  config.train.sample_prompt, config.train.sample_tokens,
                                  context=config.train.seq_len, seed=config.train.seed)
-      (workdir / "sample.txt").write_text(text)
+      if distributed.is_leader():
+        (workdir / "sample.txt").write_text(text)
   finally:
     lock.release()
   result.pop("params", None)
@@ -248,7 +264,7 @@ def _run(prepared, workdir, dry_run, target) -> dict:
         if latest >= config.train.steps:
           print(f"[lcjax] the run is complete (train.steps={config.train.steps}); raise "
                 "--config.train.steps to train further")
-      if config.outer.kind == "dipaco":  # the router is an artifact of the run
+      if config.outer.kind == "dipaco" and distributed.is_leader():  # an artifact of the run
         datasets.router.save(workdir / "router.safetensors")
       # Only now, with the state restored, are the records past its step dropped.
       writer = metrics_lib.MetricsWriter(workdir, keep_through=start if resumed else start - 1)
@@ -315,8 +331,9 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
   start = int(jax.device_get(state["step"]))
   flops = metrics_lib.train_flops_per_step(model_cfg, t.batch_size, t.seq_len)
   reader = _Reader(config, program, checkpointer, writer, flops, peak)
-  pending, last = [], {}
-  bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", unit="step", mininterval=2)
+  pending, last, share = [], {}, row_share(program, config)
+  bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", unit="step", mininterval=2,
+                  disable=not distributed.is_leader())
   try:
     for step in range(start, t.steps):
       if preemption.requested(step):
@@ -324,7 +341,7 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
                         next_sequence)
       batch = datasets.train_batch(next_sequence, t.batch_size)
       next_sequence += t.batch_size
-      state, metrics = runner(state, parts_lib.device_batch(batch, program.batch_sharding))
+      state, metrics = runner(state, _on_device(program, batch, share))
       pending.append((step + 1, metrics))
       done = step + 1
       log = done % t.log_every == 0 or done == t.steps

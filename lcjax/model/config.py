@@ -3,6 +3,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lcjax.config import mesh_size
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -51,7 +53,7 @@ class ModelConfig:
     """From a validated config; vocab_size 0 = tokenizer vocab rounded up to 128."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.model.items() if k in fields}
-    if config.mesh.ring * config.mesh.ulysses > 1:
+    if mesh_size(config.mesh, "ring") * mesh_size(config.mesh, "ulysses") > 1:
       values.update(sp_strategy=config.sp.strategy, sp_layout=config.sp.layout)
     vocab = values["vocab_size"] or -(-tokenizer_vocab // 128) * 128
     if vocab < tokenizer_vocab:

@@ -30,6 +30,7 @@ import zlib
 
 import numpy as np
 
+from lcjax import config as config_lib
 from lcjax.data import Datasets, PackedSequences, load_documents, make_tokenizer
 
 
@@ -389,4 +390,4 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
   return PathDatasets(tokenizer, shards, whole,
                       [int(np.sum(train_paths == p)) for p in range(grid.num_paths)], train_paths,
                       router,
-                      len(router_docs), config.mesh.replica, o.inner_steps)
+                      len(router_docs), config_lib.mesh_size(config.mesh, "replica"), o.inner_steps)
