@@ -136,9 +136,10 @@ class Checkpointer:
   def _check_data_stream(self):
     checkpoints = self.workdir / "checkpoints"
     if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
-      # nothing to protect: this run's config is the record
-      (self.workdir / "config.json").write_text(json.dumps(self.config_dict, indent=2,
-                                                           sort_keys=True))
+      # nothing to protect: this run's config is the record (process 0 writes it)
+      if jax.process_index() == 0:
+        (self.workdir / "config.json").write_text(json.dumps(self.config_dict, indent=2,
+                                                             sort_keys=True))
       return
     saved = self._saved_config()
     data_keys = sorted(k for k in set(_flat(saved)) | set(_flat(self.config_dict))

@@ -71,8 +71,7 @@ def initialize(processes: Processes | None, *, timeout_s: int = 300):
   before JAX's backends start; a process that cannot reach the others fails after `timeout_s`."""
   if processes is None or jax.distributed.is_initialized():
     return
-  if (os.environ.get("JAX_PLATFORMS") or "cpu").split(",")[0] == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU client's only
   jax.distributed.initialize(processes.coordinator, processes.num_processes,
                              processes.process_id, initialization_timeout=timeout_s)
 
