@@ -21,6 +21,7 @@ from lcjax import model as model_lib
 from lcjax.model import cache as cache_lib
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
+WINDOW = 24
 CASES = {"llama": 1, "llama3": 1, "qwen2": 1, "mistral": 1, "llama_2_levels": 2}
 
 
@@ -56,15 +57,21 @@ def _generator(model_cfg, mesh, batch_size, cache_len, temperature=0.0, top_p=1.
                                 temperature=temperature, top_p=top_p)
 
 
+def _last_logits(model_cfg, params, tokens):
+  """A full forward's logits [V] at the last of `tokens`: one compiled window of WINDOW tokens
+  serves every prefix (causal: the padding after it changes nothing)."""
+  window = np.zeros((1, WINDOW), np.int32)
+  window[0, :len(tokens)] = tokens
+  return np.asarray(_forward(model_cfg)(params, window))[0, len(tokens) - 1]
+
+
 def _assert_steps_match_full_forward(model_cfg, params, prompt, result, row=0):
   """Each step's logits are a full forward's at the last token of prompt + tokens so far."""
   tokens = list(prompt) + result.tokens[row]
-  window = np.zeros((1, len(tokens)), np.int32)  # causal: padding after a prefix changes nothing
-  window[0] = tokens
-  full = np.asarray(_forward(model_cfg)(params, window))[0]
   for i, step_logits in enumerate(result.logits):
-    np.testing.assert_allclose(step_logits[row], full[len(prompt) + i - 1], rtol=1e-5, atol=1e-5,
-                               err_msg=f"step {i}")
+    np.testing.assert_allclose(step_logits[row],
+                               _last_logits(model_cfg, params, tokens[:len(prompt) + i]),
+                               rtol=1e-5, atol=1e-5, err_msg=f"step {i}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -106,25 +113,24 @@ def test_a_full_cache_slides_its_window(loaded, mesh):
   model_cfg, params = loaded["llama"]
   prompt = np.load(FIXTURES / "llama" / "input_ids.npy")[0, :6].tolist()
   result = _generator(model_cfg, mesh, 1, 8).generate(params, [prompt], 12, keep_logits=True)
-  tokens, forward = prompt + result.tokens[0], _forward(model_cfg)
+  tokens = prompt + result.tokens[0]
   start = 0
   for i, step_logits in enumerate(result.logits):
     end = len(prompt) + i  # the tokens before step i's
     if end - start > 8:
       start = end - 4
-    window = np.asarray([tokens[start:end]], np.int32)
-    np.testing.assert_allclose(step_logits[0], np.asarray(forward(params, window))[0, -1],
+    np.testing.assert_allclose(step_logits[0], _last_logits(model_cfg, params, tokens[start:end]),
                                rtol=1e-5, atol=1e-5, err_msg=f"step {i}")
 
 
 def test_top_p_near_zero_is_greedy_and_temperature_sampling_is_seeded(loaded, mesh):
   model_cfg, params = loaded["llama3"]
   prompt = np.load(FIXTURES / "llama3" / "input_ids.npy")[1].tolist()
-  greedy = _generator(model_cfg, mesh, 1, 24).generate(params, [prompt], 8).tokens
-  nucleus = _generator(model_cfg, mesh, 1, 24, 1.0, 1e-6)
-  assert nucleus.generate(params, [prompt], 8, seed=3).tokens == greedy
-  hot = _generator(model_cfg, mesh, 1, 24, 1.5)
-  draws = [hot.generate(params, [prompt], 8, seed=s).tokens for s in (0, 0, 1)]
+  greedy = _generator(model_cfg, mesh, 1, 22).generate(params, [prompt], 6).tokens
+  nucleus = _generator(model_cfg, mesh, 1, 22, 1.0, 1e-6)
+  assert nucleus.generate(params, [prompt], 6, seed=3).tokens == greedy
+  hot = _generator(model_cfg, mesh, 1, 22, 1.5)
+  draws = [hot.generate(params, [prompt], 6, seed=s).tokens for s in (0, 0, 1)]
   assert draws[0] == draws[1] and draws[0] != draws[2]
 
 
