@@ -108,3 +108,9 @@ class Transformer(nnx.Module):
     h_BTE = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
     return mst.loss_sums(h_BTE, self.head_weight_EV(), batch["targets"], batch["loss_mask"],
                          num_chunks=self.cfg.loss_chunks, z_loss=self.cfg.z_loss)
+
+  def token_losses(self, batch):
+    """Cross-entropy [B, T] float32 of every target, the loss mask not applied (evaluation)."""
+    h_BTE = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return mst.token_losses(h_BTE, self.head_weight_EV(), batch["targets"],
+                            num_chunks=self.cfg.loss_chunks)
