@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from lcjax import generate as generate_lib
 from lcjax import hf
 from lcjax import mesh as mesh_lib
-from lcjax import model as model_lib
 from lcjax.model import cache as cache_lib
+from conftest import full_forward
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
 WINDOW = 24
@@ -39,19 +38,6 @@ def loaded(mesh):
 
 
 @functools.cache
-def _forward(model_cfg):
-  """Jitted full forward: logits [B, T, V] of a whole window."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.create(model_cfg, 0)))
-
-  @jax.jit
-  def logits(params, tokens_BT):
-    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, jnp.ones_like(tokens_BT))
-
-  return logits
-
-
-@functools.cache
 def _generator(model_cfg, mesh, batch_size, cache_len, temperature=0.0, top_p=1.0):
   return generate_lib.Generator(model_cfg, mesh, batch_size=batch_size, cache_len=cache_len,
                                 temperature=temperature, top_p=top_p)
@@ -62,7 +48,7 @@ def _last_logits(model_cfg, params, tokens):
   serves every prefix (causal: the padding after it changes nothing)."""
   window = np.zeros((1, WINDOW), np.int32)
   window[0, :len(tokens)] = tokens
-  return np.asarray(_forward(model_cfg)(params, window))[0, len(tokens) - 1]
+  return np.asarray(full_forward(model_cfg)(params, window))[0, len(tokens) - 1]
 
 
 def _assert_steps_match_full_forward(model_cfg, params, prompt, result, row=0):
