@@ -1,56 +1,31 @@
 """Text generation from a trained model: `python -m lcjax.sample --workdir=DIR --prompt=...`.
 
-Runs the full forward pass over a fixed window of `context` tokens for each new token (one
-compiled program for the whole sample); the window slides once it is full.
+Prefills the prompt once and decodes one token per step against a KV cache (lcjax/generate.py),
+with a cache of at most `context` tokens (the run's seq_len): past it the window slides.
 """
 import contextlib
-import dataclasses
-import math
 import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import flags
-from flax import nnx
 
 from lcjax import cli
-from lcjax import model as model_lib
+from lcjax import generate as generate_lib
 
 
 def generate(model_cfg, mesh, params, tokenizer, prompt: str, num_tokens: int, *, context: int,
-             seed: int = 0, temperature: float = 0.8) -> str:
-  """Prompt + `num_tokens` sampled tokens (temperature 0 = greedy), decoded. One sequence in
-  natural order, so sequence parallelism (if the run used it) is off here."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  model_cfg = dataclasses.replace(model_cfg, sp_strategy=None)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.create(model_cfg, 0)))
-
-  @jax.jit
-  def next_token(params, window_1T, length, key):
-    model = nnx.merge(graphdef, params)
-    positions = jnp.arange(context)[None]
-    segments = (positions < length).astype(jnp.int32)
-    logits_V = model(window_1T, positions, segments)[0, length - 1]
-    if temperature == 0:
-      return jnp.argmax(logits_V).astype(jnp.int32)
-    masked = jnp.where(jnp.arange(logits_V.shape[0]) < tokenizer.vocab_size, logits_V, -jnp.inf)
-    return jax.random.categorical(key, masked / temperature).astype(jnp.int32)
-
+             seed: int = 0, temperature: float = 0.8, top_p: float = 1.0) -> str:
+  """Prompt + `num_tokens` sampled tokens (temperature 0 = greedy; top_p < 1 = nucleus),
+  decoded; stops early at EOS. One sequence in natural order: sequence parallelism (if the run
+  used it) is off here."""
   tokens = [tokenizer.bos_id] + tokenizer.encode(prompt).tolist()
-  key = jax.random.key(seed)
-  for i in range(num_tokens):
-    recent = tokens[-context:]
-    window = np.full((1, context), tokenizer.pad_id, np.int32)
-    window[0, :len(recent)] = recent
-    token = int(next_token(params, jax.device_put(window, replicated), len(recent),
-                           jax.random.fold_in(key, i)))
-    if token == tokenizer.eos_id:
-      break
-    tokens.append(token)
-  return tokenizer.decode(tokens[1:])
+  generator = generate_lib.Generator(
+      model_cfg, mesh, batch_size=1, cache_len=min(context, len(tokens) + num_tokens),
+      temperature=temperature, top_p=top_p, vocab_limit=tokenizer.vocab_size)
+  result = generator.generate(params, [tokens], num_tokens, seed=seed, eos_id=tokenizer.eos_id)
+  return tokenizer.decode(tokens[1:] + result.tokens[0])
 
 
 @contextlib.contextmanager
@@ -88,18 +63,22 @@ def workdir_params(workdir, prompt=None):
     checkpointer.close()
 
 
-def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: float) -> str:
+def sample_from_workdir(workdir, prompt: str, num_tokens: int, temperature: float,
+                        top_p: float = 1.0) -> str:
   """Samples from the latest checkpoint of DIR (workdir_params)."""
   with workdir_params(workdir, prompt) as (prepared, params):
     return generate(prepared.model_cfg, prepared.mesh, params, prepared.tokenizer, prompt,
-                    num_tokens, context=prepared.config.train.seq_len, temperature=temperature)
+                    num_tokens, context=prepared.config.train.seq_len, temperature=temperature,
+                    top_p=top_p)
 
 
-def check_flags(num_tokens: int, temperature: float):
+def check_flags(num_tokens: int, temperature: float, top_p: float = 1.0):
   if num_tokens < 1:
     raise ValueError(f"--num_tokens must be >= 1; got {num_tokens}")
-  if not (math.isfinite(temperature) and temperature >= 0):
-    raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {temperature}")
+  try:
+    generate_lib.check_sampling(temperature, top_p)
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None
 
 
 def _main(argv):
@@ -108,9 +87,11 @@ def _main(argv):
   flags.DEFINE_string("prompt", "def ", "text to continue", flag_values=fv)
   flags.DEFINE_integer("num_tokens", 200, "tokens to generate", flag_values=fv)
   flags.DEFINE_float("temperature", 0.8, "sampling temperature; 0 = greedy", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling: keep the most likely tokens up to this "
+                     "probability; 1 = off", flag_values=fv)
   cli.parse_flags(fv, argv, required=("workdir",), doc=__doc__)
-  check_flags(fv.num_tokens, fv.temperature)
-  print(sample_from_workdir(fv.workdir, fv.prompt, fv.num_tokens, fv.temperature))
+  check_flags(fv.num_tokens, fv.temperature, fv.top_p)
+  print(sample_from_workdir(fv.workdir, fv.prompt, fv.num_tokens, fv.temperature, fv.top_p))
 
 
 def main(argv=None) -> int:

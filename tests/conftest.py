@@ -14,6 +14,7 @@ def _eight_devices():
   assert jax.device_count() == 8, "tests expect 8 fake CPU devices; see tests/conftest.py"
 
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 
@@ -84,6 +85,23 @@ def train_steps(config, n_steps=4):
       state, m = program.step(state, batch)
       losses.append(float(m["train/loss"]))
   return program, state, losses
+
+
+@functools.cache
+def full_forward(model_cfg):
+  """Jitted full forward of `model_cfg`'s model: (params, tokens [B, T]) -> logits [B, T, V],
+  positions 0..T-1, one document per row."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from lcjax import model as model_lib
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.create(model_cfg, 0)))
+
+  @jax.jit
+  def logits(params, tokens_BT):
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, jnp.ones_like(tokens_BT))
+
+  return logits
 
 
 @pytest.fixture(name="tiny_config")

@@ -2,27 +2,23 @@
 scripts/make_hf_fixtures.py; no torch here): each architecture's logits, loss and greedy tokens;
 save then load; sharded loading; a training run from a checkpoint that resumes exactly and
 exports; and each bad input stopping with one line."""
-import functools
 import json
 import pathlib
 import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-from flax import nnx
 
 from lcjax import config as config_lib
 from lcjax import export as export_lib
 from lcjax import hf
 from lcjax import mesh as mesh_lib
-from lcjax import model as model_lib
 from lcjax import train as train_lib
-from conftest import killed_and_resumed, read_losses, tiny_config
+from conftest import full_forward, killed_and_resumed, read_losses, tiny_config
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
 NAMES = ("llama", "llama3", "qwen2", "mistral")
@@ -36,18 +32,6 @@ def rel_error(got, want) -> float:
 def loaded():
   """{fixture: (model_cfg, params)} on the first device, loaded once for the session."""
   return {name: hf.load_pretrained(FIXTURES / name) for name in NAMES}
-
-
-@functools.cache
-def _forward(model_cfg):
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.create(model_cfg, 0)))
-
-  @jax.jit
-  def logits(params, tokens_BT):
-    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, jnp.ones_like(tokens_BT))
-
-  return logits
 
 
 def _flat(tree) -> dict:
@@ -72,7 +56,7 @@ def test_logits_loss_and_greedy_tokens_match_transformers(name, loaded):
   # logits independent of what follows them.
   window = np.zeros((B, T + len(want_greedy)), np.int32)
   window[:, :T] = ids
-  forward = _forward(model_cfg)
+  forward = full_forward(model_cfg)
   logits = np.asarray(forward(params, window))[:, :T]
   assert rel_error(logits, want_logits) < 1e-5
   log_probs = jax.nn.log_softmax(logits[:, :-1].astype(np.float64), axis=-1)
@@ -96,7 +80,7 @@ def test_what_each_config_json_becomes(loaded):
 def test_levels_split_the_layers_in_order(loaded):
   model_cfg, params = hf.load_pretrained(FIXTURES / "llama", num_levels=2)
   ids = np.load(FIXTURES / "llama" / "input_ids.npy")
-  logits = _forward(model_cfg)(params, ids)
+  logits = full_forward(model_cfg)(params, ids)
   assert rel_error(logits, np.load(FIXTURES / "llama" / "logits.npy")) < 1e-5
 
 

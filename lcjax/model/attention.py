@@ -22,7 +22,9 @@ class Attention(nnx.Module):
                         logical_axes=("heads", "head_dim", "embed"))
     self.cfg = cfg
 
-  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+  def qkv(self, x_BTE, positions_BT):
+    """q [B, T, H, D], k and v [B, T, K, D] of the tokens at positions_BT: projected, biased
+    and rotated. Training and the KV-cache decoder (model/cache.py) share it."""
     cfg, dt = self.cfg, self.cfg.compute_dtype
     inv_freq = rope_frequencies(cfg)
     q_BTHD = jnp.einsum("bte,ehd->bthd", x_BTE, self.wq[...].astype(dt))
@@ -34,6 +36,18 @@ class Attention(nnx.Module):
     factor = rope_attention_factor(cfg)
     q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq, factor)
     k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq, factor)
+    return q_BTHD, k_BTKD, v_BTKD
+
+  def project_out(self, out_BTHD):
+    return jnp.einsum("bthd,hde->bte", out_BTHD, self.wo[...].astype(self.cfg.compute_dtype))
+
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    return self.attend(x_BTE, positions_BT, segment_ids_BT)[0]
+
+  def attend(self, x_BTE, positions_BT, segment_ids_BT):
+    """(output [B, T, E], (k, v) [B, T, K, D]): the keys and values are what a KV cache keeps."""
+    cfg = self.cfg
+    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTE, positions_BT)
     masking = dict(causal=True, sliding_window=cfg.sliding_window or None,
                    implementation=cfg.attention)
     if cfg.document_mask:  # each packed document attends only to itself, causal by its positions
@@ -45,4 +59,4 @@ class Attention(nnx.Module):
           strategy=cfg.sp_strategy, layout=cfg.sp_layout, **masking)
     else:
       out_BTHD = ops.attention(q_BTHD, k_BTKD, v_BTKD, **masking)
-    return jnp.einsum("bthd,hde->bte", out_BTHD, self.wo[...].astype(dt))
+    return self.project_out(out_BTHD), (k_BTKD, v_BTKD)

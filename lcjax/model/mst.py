@@ -52,14 +52,29 @@ def chunked_mlp(mlp, x_BTE, num_chunks: int):
   return _from_chunks(out, x_BTE.shape[1])
 
 
-def _loss_sums(h_BTE, head_EV, targets_BT, mask_BT, z_loss):
-  """(cross-entropy sum, z-loss sum, token count) over masked tokens; logits in float32."""
+def _token_terms(h_BTE, head_EV, targets_BT):
+  """(log Z, cross-entropy) per token [B, T]; logits in float32."""
   logits_BTV = h_BTE.astype(jnp.float32) @ head_EV.astype(jnp.float32)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return log_z_BT, log_z_BT - target_logit_BT
+
+
+def _loss_sums(h_BTE, head_EV, targets_BT, mask_BT, z_loss):
+  """(cross-entropy sum, z-loss sum, token count) over masked tokens; logits in float32."""
+  log_z_BT, ce_BT = _token_terms(h_BTE, head_EV, targets_BT)
   mask = mask_BT.astype(jnp.float32)
   z_sum = jnp.sum(log_z_BT ** 2 * mask) if z_loss else jnp.zeros((), jnp.float32)
-  return jnp.sum((log_z_BT - target_logit_BT) * mask), z_sum, jnp.sum(mask)
+  return jnp.sum(ce_BT * mask), z_sum, jnp.sum(mask)
+
+
+def token_losses(h_BTE, head_EV, targets_BT, *, num_chunks: int = 1):
+  """Cross-entropy of every token [B, T], float32 (evaluation: no gradient), computed one
+  mini-sequence's [B, T/M, V] logits at a time."""
+  validate_chunks(num_chunks, h_BTE.shape[1], "model.loss_chunks")
+  chunks = (_to_chunks(h_BTE, num_chunks), _to_chunks(targets_BT, num_chunks))
+  ce = jax.lax.map(lambda c: _token_terms(c[0], head_EV, c[1])[1], chunks)
+  return _from_chunks(ce, h_BTE.shape[1])
 
 
 def loss_sums(h_BTE, head_EV, targets_BT, mask_BT, *, num_chunks: int = 1, z_loss: float = 0.0):

@@ -36,12 +36,18 @@ class Block(nnx.Module):
     self.mlp_chunks = cfg.mlp_chunks
 
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    return self.prefill(x_BTE, positions_BT, segment_ids_BT)[0]
+
+  def prefill(self, x_BTE, positions_BT, segment_ids_BT):
+    """(output [B, T, E], (k, v) [B, T, K, D]); training drops the keys and values (and XLA
+    with them), the KV-cache decoder keeps them."""
     # Pin the scan carry's layout at entry too: otherwise its cotangent inherits the fsdp
     # sharding of the weights and XLA regathers it in every backward step.
     x_BTE = checkpoint_name(mesh_lib.constrain(x_BTE, ("batch", "seq", "act_embed")), LAYER_INPUT)
-    x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), positions_BT, segment_ids_BT)
+    attn_BTE, kv = self.attn.attend(self.attn_norm(x_BTE), positions_BT, segment_ids_BT)
+    x_BTE = x_BTE + attn_BTE
     x_BTE = x_BTE + mst.chunked_mlp(lambda x: self.mlp(self.mlp_norm(x)), x_BTE, self.mlp_chunks)
-    return mesh_lib.constrain(x_BTE, ("batch", "seq", "act_embed"))
+    return mesh_lib.constrain(x_BTE, ("batch", "seq", "act_embed")), kv
 
 
 class Level(nnx.Module):
@@ -102,3 +108,9 @@ class Transformer(nnx.Module):
     h_BTE = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
     return mst.loss_sums(h_BTE, self.head_weight_EV(), batch["targets"], batch["loss_mask"],
                          num_chunks=self.cfg.loss_chunks, z_loss=self.cfg.z_loss)
+
+  def token_losses(self, batch):
+    """Cross-entropy [B, T] float32 of every target, the loss mask not applied (evaluation)."""
+    h_BTE = self.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return mst.token_losses(h_BTE, self.head_weight_EV(), batch["targets"],
+                            num_chunks=self.cfg.loss_chunks)
