@@ -81,17 +81,34 @@ def series(records, key) -> Series | None:
 
 
 def loss_keys(records) -> list[str]:
-  """train/loss, eval/loss, then the per-path losses in path order."""
-  paths = sorted({k for r in records for k in r if _PATH_KEY.match(k)},
-                 key=lambda k: (_PATH_KEY.match(k).group(1), int(_PATH_KEY.match(k).group(2))))
-  return ["train/loss", "eval/loss"] + paths
+  """train/loss, eval/loss, then the per-path losses: train ones, eval ones, in path order."""
+  def order(key):
+    kind, path = _PATH_KEY.match(key).groups()
+    return kind != "train", int(path)
+
+  return ["train/loss", "eval/loss"] + sorted({k for r in records for k in r if _PATH_KEY.match(k)},
+                                              key=order)
+
+
+_BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
 
 
 def _binary_bytes(value, _=None) -> str:
-  for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-    if abs(value) >= size:
-      return f"{value / size:g} {unit}"
-  return f"{value:g} B"
+  unit, size = next(((u, s) for u, s in _BINARY if abs(value) >= s), _BINARY[-1])
+  return f"{value / size:g} {unit}"
+
+
+class _BinaryLocator(ticker.MaxNLocator):
+  """Ticks at round numbers of KiB, MiB or GiB (not at round numbers of bytes)."""
+
+  def tick_values(self, vmin, vmax):
+    size = next((s for _, s in _BINARY if max(abs(vmin), abs(vmax)) >= s), 1)
+    return super().tick_values(vmin / size, vmax / size) * size
+
+
+def _bytes_axis(axis):
+  axis.set_major_locator(_BinaryLocator(nbins=5))
+  axis.set_major_formatter(ticker.FuncFormatter(_binary_bytes))
 
 
 def _style(key):
@@ -180,7 +197,7 @@ def memory_figure(records) -> Figure | None:
   bars, over_time = fig.subplots(1, 2)
   names = [k.removeprefix("compile/").removesuffix("_bytes") for k in compiled]
   bars.barh(names, list(compiled.values()))
-  bars.xaxis.set_major_formatter(ticker.FuncFormatter(_binary_bytes))
+  _bytes_axis(bars.xaxis)
   bars.set_title("compiled train step, per device (memory_analysis)", fontsize="medium")
   bars.invert_yaxis()
   if peak is not None:
@@ -192,7 +209,10 @@ def memory_figure(records) -> Figure | None:
   if peak is None:
     over_time.text(0.5, 0.6, "this backend reports no memory in use\n(the CPU has no "
                    "memory_stats)", ha="center", transform=over_time.transAxes)
-  over_time.yaxis.set_major_formatter(ticker.FuncFormatter(_binary_bytes))
+    trained = series(records, "train/loss")
+    if trained is not None and trained.steps[-1] > 0:
+      over_time.set_xlim(0, trained.steps[-1])
+  _bytes_axis(over_time.yaxis)
   over_time.set_xlabel("step")
   over_time.set_title("peak memory in use, largest over devices", fontsize="medium")
   over_time.grid(alpha=0.3)

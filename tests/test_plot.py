@@ -167,7 +167,8 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
   (corrupt / "metrics.jsonl").write_text('{"step": 0}\n{not json\n')
   assert "metrics.jsonl:2 is not a JSON record" in _error_line(
       capsys, ["lcjax.plot", f"--workdir={corrupt}"])
-  assert "Unknown command line flag" in _error_line(capsys, ["lcjax.plot", f"--workdir={tmp_path}", "--nope=1"])
+  assert "Unknown command line flag" in _error_line(
+      capsys, ["lcjax.plot", f"--workdir={tmp_path}", "--nope=1"])
   assert not list(tmp_path.rglob("*.png"))
 
 
