@@ -129,15 +129,20 @@ def _mark_resumes(ax, steps):
     ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="resumed" if i == 0 else None)
 
 
-def _outer_axis(ax, records):
-  """A top axis with the outer step, interpolated from the records that carry it."""
+def outer_step_axis(records):
+  """(step -> outer step, outer step -> step), interpolated from the records that carry
+  outer/step (DiLoCo, DiPaCo); None without an outer loop."""
   outer = series(records, "outer/step")
   if outer is None or len(outer.steps) < 2:
-    return
+    return None
   steps, outer_steps = outer.steps.astype(float), outer.values
-  top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, steps, outer_steps),
-                                             lambda y: np.interp(y, outer_steps, steps)))
-  top.set_xlabel("outer step")
+  return (lambda x: np.interp(x, steps, outer_steps), lambda y: np.interp(y, outer_steps, steps))
+
+
+def _outer_axis(ax, records):
+  functions = outer_step_axis(records)
+  if functions is not None:
+    ax.secondary_xaxis("top", functions=functions).set_xlabel("outer step")
 
 
 def loss_figure(records) -> Figure:

@@ -80,6 +80,11 @@ def test_loss_lines_are_the_records():
   assert list(lines["train/loss/path1"][0]) == [10, 20, 40]
   assert list(lines["resumed"][0]) == [20, 20]  # a vertical line at the resume
   assert plot.resume_steps(records) == [20]
+  outer = by_step.child_axes  # the outer steps on a top axis: 10 -> 1, 40 -> 4
+  assert len(outer) == 1 and outer[0].get_xlabel() == "outer step"
+  to_outer, to_step = plot.outer_step_axis(records)
+  assert to_outer(np.array([10.0, 25.0, 40.0])).tolist() == [1.0, 2.5, 4.0]
+  assert to_step(np.array([1.0, 2.5, 4.0])).tolist() == [10.0, 25.0, 40.0]
 
 
 def test_throughput_and_memory_are_the_records():
@@ -143,6 +148,7 @@ def test_a_real_resumed_run(resumed_run):
     assert list(expected) == ([1, 2, 3, 4, 5, 6] if key == "train/loss" else [2, 4, 6])
     np.testing.assert_array_equal(lines[key][0], list(expected))
     np.testing.assert_array_equal(lines[key][1], list(expected.values()))
+  assert not plot.loss_figure(records).axes[0].child_axes  # no outer loop, no outer-step axis
   tokens = _lines(plot.loss_figure(records).axes[1])["train/loss"][0]
   np.testing.assert_array_equal(tokens, np.arange(1, 7) * 8 * 32)  # batch 8 x seq_len 32
 
