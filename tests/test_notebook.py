@@ -1,6 +1,7 @@
 """notebooks/quickstart.ipynb runs headless, top to bottom, with smaller parameters injected
-after its `parameters` cell (as papermill does), in a kernel on this interpreter: it trains,
-writes the loss plots, compiles the USP step and prints a sample and a finite loss."""
+after its `parameters` cell (as papermill does), in a kernel on this interpreter without the
+tests' XLA_FLAGS: it sets up 8 CPU devices itself, trains, writes the loss plots, compiles the
+USP step and prints a sample and a finite loss."""
 import json
 import math
 import pathlib
@@ -32,6 +33,7 @@ def _outputs(nb, output_type, field):
 
 def test_quickstart_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(_kernel_spec(tmp_path / "jupyter")))
+  monkeypatch.delenv("XLA_FLAGS")  # the notebook's own cell must ask for the 8 CPU devices
   nb = nbformat.read(NOTEBOOK, as_version=4)
   where = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
   assert len(where) == 1, "the notebook needs exactly one cell tagged 'parameters'"
