@@ -15,6 +15,7 @@ setuptools.setup(
     ],
     extras_require={
         "tokenizers": ["tokenizers", "sentencepiece"],
-        "test": ["pytest", "pytest-xdist", "tokenizers", "sentencepiece", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "tokenizers", "sentencepiece", "matplotlib", "nbclient",
+                 "nbformat", "ipykernel"],
     },
 )
