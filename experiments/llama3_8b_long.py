@@ -16,13 +16,13 @@ block's input per layer.
   python -m lcjax.evaluate --workdir=runs/llama3_128k \\
     --passkey_lengths=8192,32768,65536,131072    # loss by position + passkey, after training
 
-Memory per device: `python -m lcjax.main --config=experiments/llama3_8b_long.py --workdir=/tmp/x
---dry_run` on 8 fake CPU devices (2026-12, the CPU compiler: no GPU compiler is installed here)
-gives 11.2 GiB of arguments (parameters + AdamW state, ZeRO-3 over 8) and 21.8 GiB of temporaries,
-33.0 GiB per device, 8.03e9 parameters, 2.17e16 FLOPs per step; the GPU compiler's figure may
-differ (docs/targets.md's 8 x H100 table: the same model with MsT, remat full and Ulysses 8 at
-1M tokens over the 8 GPUs, 8x this recipe's, took 59.9 GiB). So an 80 GB GPU (H100) holds it
-with room to spare. Check with `--dry_run --target=gpu:h100:8` (requirements-targets.txt).
+Memory per device, from the H100 compiler (`python -m lcjax.main
+--config=experiments/llama3_8b_long.py --workdir=/tmp/x --dry_run --target=gpu:h100:8`, jax 0.10.2
+with requirements-targets.txt, 2026-12-07, 6 min on a 2-core CPU machine): 26.2 GiB of an H100's
+79.7 GiB (step_bytes; 11.2 GiB of arguments, parameters and AdamW state ZeRO-3 over the 8 GPUs,
+15.0 GiB of temporaries), 8.03e9 parameters, 2.17e16 FLOPs per step. The CPU compiler on 8 fake
+devices gives 33.0 GiB for the same step. So an 80 GB GPU holds it with room to spare, and a
+longer sequence (256K) is the next thing to try with scripts/fit.py.
 What to expect (not run here: no 8B checkpoint and no GPU): the held-out loss by position
 (lcjax.evaluate) flat or falling past 8K where the unscaled model's rises, and passkey accuracy
 at 64K-128K rising from near 0 as long documents are trained on.

@@ -42,8 +42,8 @@ trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
 
 status=0 remaining=("${pids[@]}")
 while ((${#remaining[@]})); do
-  wait -n -p done_pid "${remaining[@]}"
-  code=$?
+  code=0
+  wait -n -p done_pid "${remaining[@]}" || code=$?
   [[ -z "${done_pid:-}" ]] && continue   # a trapped signal interrupted the wait
   still=()
   for p in "${remaining[@]}"; do [[ "$p" != "$done_pid" ]] && still+=("$p"); done
