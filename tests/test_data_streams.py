@@ -81,8 +81,7 @@ def test_two_processes_with_half_the_rows_each_tokenize_about_one_copy(tmp_path)
   assert one.stats()["data/documents_loaded"] == docs  # each document once
   both = low.stats()["data/documents_loaded"] + high.stats()["data/documents_loaded"]
   # only documents cut between a sequence of one process and one of the other are read twice
-  assert docs <= both <= docs + one.train.num_sequences
-  assert both < 1.15 * docs
+  assert docs <= both < 1.15 * docs
   read_bytes = low.stats()["data/bytes_loaded"] + high.stats()["data/bytes_loaded"]
   assert read_bytes < 1.15 * one.stats()["data/bytes_loaded"]
 
@@ -201,15 +200,15 @@ def test_prefetcher_stops_at_an_early_exit_without_hanging():
 
 def test_prefetcher_measures_the_consumers_wait():
   def slow(step):
-    time.sleep(0.05)
+    time.sleep(0.1)
     return {"inputs": np.zeros(1)}
 
   with Prefetcher(slow, 0, 4, depth=0) as direct:
     list(direct)
-  assert direct.wait_s >= 0.2 and direct.take_wait_s() >= 0.2 and direct.take_wait_s() == 0
+  assert direct.wait_s >= 0.4 and direct.take_wait_s() >= 0.4 and direct.take_wait_s() == 0
   with Prefetcher(slow, 0, 4, depth=4) as ahead:
-    time.sleep(0.4)  # the device's step: the batches are ready when asked for
+    time.sleep(1.0)  # the device's step: the batches are ready when asked for
     list(ahead)
-  assert ahead.wait_s < 0.05
+  assert ahead.wait_s < direct.wait_s / 4
   with pytest.raises(ValueError, match="data.prefetch"):
     Prefetcher(slow, 0, 4, depth=-1)

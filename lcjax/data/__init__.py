@@ -76,8 +76,10 @@ def _target_counts(packed: PackedSequences, vocab: int, max_documents: int) -> n
   docs = np.arange(n) if n <= max_documents else np.linspace(0, n - 1, max_documents).astype(int)
   counts = np.zeros(vocab)
   for doc in docs:
-    targets = packed.framed(doc)[1 + packed.skip_prefix:]
-    counts += np.bincount(targets, minlength=vocab)[:vocab]
+    scored = int(packed.documents.lengths[doc]) + 1 - packed.skip_prefix
+    if scored > 0:
+      targets = packed.window(doc, 1 + packed.skip_prefix, scored)
+      counts += np.bincount(targets, minlength=vocab)[:vocab]
   return counts
 
 

@@ -1,5 +1,5 @@
 """Pre-tokenized corpora in ArrayRecord shards: written once (scripts/prepare_data.py), read by
-record with random access (grain's ArrayRecordDataSource), never tokenized again.
+record with random access (array_record.s ArrayRecordDataSource), never tokenized again.
 
 A prepared directory holds
   index.json                     format, tokenizer identity, per split: shards, documents, tokens

@@ -32,11 +32,18 @@ class PackedSequences:
     self.num_sequences = -(-self.num_pairs // seq_len)
     self._epoch_cache = (None, None)
 
-  def framed(self, doc: int) -> np.ndarray:
-    """Document `doc` as [BOS] + tokens + [EOS] (int32)."""
+  def window(self, doc: int, start: int, size: int) -> np.ndarray:
+    """int32 [size]: items start .. start+size-1 of document `doc` framed as [BOS] + tokens +
+    [EOS] (the frame is never built: a sequence needs a few hundred tokens of a long one)."""
     tokens = self.documents.tokens(doc)
-    out = np.empty(len(tokens) + 2, np.int32)
-    out[0], out[1:-1], out[-1] = self.bos_id, tokens, self.eos_id
+    assert 0 <= start and start + size <= len(tokens) + 2, (doc, start, size, len(tokens))
+    out = np.empty(size, np.int32)
+    lo, hi = max(start - 1, 0), min(start - 1 + size, len(tokens))  # the tokens in the window
+    out[lo - (start - 1):hi - (start - 1)] = tokens[lo:hi]
+    if start == 0:
+      out[0] = self.bos_id
+    if start + size == len(tokens) + 2:
+      out[-1] = self.eos_id
     return out
 
   def _epoch(self, epoch: int):
@@ -69,10 +76,10 @@ class PackedSequences:
       take = min(int(ends[i]), hi) - pos
       src = pos - doc_lo
       dst = slice(pos - lo, pos - lo + take)
-      framed = self.framed(doc)
+      pairs = self.window(doc, src, take + 1)  # inputs and, one later, targets
       segment += 1
-      out["inputs"][dst] = framed[src:src + take]
-      out["targets"][dst] = framed[src + 1:src + 1 + take]
+      out["inputs"][dst] = pairs[:-1]
+      out["targets"][dst] = pairs[1:]
       out["positions"][dst] = np.arange(take)
       out["segment_ids"][dst] = segment
       out["loss_mask"][dst] = np.arange(pos - doc_lo, pos - doc_lo + take) >= self.skip_prefix

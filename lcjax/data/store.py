@@ -88,14 +88,15 @@ class TextStore(DocumentStore):
 
 
 class ArrayRecordStore(DocumentStore):
-  """int32 token records of ArrayRecord shards (grain's ArrayRecordDataSource: one index over
-  all shards, random access by record)."""
+  """int32 token records of ArrayRecord shards, read by array_record's ArrayRecordDataSource
+  (one index over all shards, random access by record; grain's source of the same name
+  subclasses it, and importing grain costs seconds and 250 MB more for nothing else used)."""
 
   def __init__(self, shard_paths, lengths, counter=None):
     """lengths: of the first len(lengths) records (all of them, or data.max_documents)."""
     super().__init__(lengths, counter)
-    import grain
-    self._source = grain.sources.ArrayRecordDataSource(list(shard_paths))
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    self._source = ArrayRecordDataSource(list(shard_paths))
     assert len(self._source) >= len(self.lengths), (len(self._source), len(self.lengths))
 
   def _load(self, i):
