@@ -60,12 +60,16 @@ class PackedSequences:
 
   def sequence(self, g: int) -> dict:
     """The g-th sequence of the run (epochs follow each other): a dict of int32 [T] arrays."""
+    return {f: v[0] for f, v in self.batch(g, 1).items()}
+
+  def _write(self, g: int, out: dict):
+    """Writes sequence g into the int32 [T] arrays `out` (one row of a batch)."""
     epoch, k = divmod(g, self.num_sequences)
     doc_order, ends, seq_order = self._epoch(epoch)
     T = self.seq_len
-    out = {"inputs": np.full(T, self.pad_id, np.int32), "targets": np.full(T, self.pad_id, np.int32),
-           "positions": np.zeros(T, np.int32), "segment_ids": np.zeros(T, np.int32),
-           "loss_mask": np.zeros(T, np.int32)}
+    out["inputs"][:] = out["targets"][:] = self.pad_id
+    for f in ("positions", "segment_ids", "loss_mask"):
+      out[f][:] = 0
     lo = int(seq_order[k]) * T
     hi = min(lo + T, self.num_pairs)
     i = int(np.searchsorted(ends, lo, side="right"))
@@ -85,15 +89,15 @@ class PackedSequences:
       out["loss_mask"][dst] = np.arange(pos - doc_lo, pos - doc_lo + take) >= self.skip_prefix
       pos += take
       i += 1
-    return out
 
   def batch(self, first: int, size: int, rows: range | None = None) -> dict:
     """Rows `rows` (default all) of the batch of sequences first .. first+size-1, stacked into
     [len(rows), T] arrays: row r is sequence first + r, whoever asks for it."""
     rows = range(size) if rows is None else rows
-    seqs = [self.sequence(first + r) for r in rows]
-    return {f: np.stack([s[f] for s in seqs]) if seqs else
-            np.zeros((0, self.seq_len), np.int32) for f in FIELDS}
+    out = {f: np.empty((len(rows), self.seq_len), np.int32) for f in FIELDS}
+    for i, r in enumerate(rows):
+      self._write(first + r, {f: v[i] for f, v in out.items()})
+    return out
 
 
 def row_range(rows, batch_size: int) -> range:

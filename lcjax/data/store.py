@@ -23,10 +23,13 @@ class ReadCounter:
   """Documents (and their bytes of text, or of token records) turned into tokens on demand."""
   documents: int = 0
   bytes: int = 0
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
+                                            compare=False)
 
   def add(self, nbytes: int):
-    self.documents += 1
-    self.bytes += nbytes
+    with self._lock:  # the prefetch thread and the consumer (eval) may both load
+      self.documents += 1
+      self.bytes += nbytes
 
 
 class DocumentStore:
