@@ -1,7 +1,7 @@
 """Host batches built ahead of the device, in one background thread.
 
-    with data.Prefetcher(lambda s: datasets.train_batch(s * B, B, rows), start, steps,
-                         depth=config.data.prefetch) as batches:
+    make_batch = lambda s: datasets.train_batch(next_sequence + (s - start) * B, B, rows)
+    with data.Prefetcher(make_batch, start, steps, depth=config.data.prefetch) as batches:
       for step, batch in batches:
         ...                     # batches.take_wait_s() -> seconds the loop waited since last
                                 # asked: the metric data/wait_s
