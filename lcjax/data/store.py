@@ -93,7 +93,7 @@ class TextStore(DocumentStore):
 class ArrayRecordStore(DocumentStore):
   """int32 token records of ArrayRecord shards, read by array_record's ArrayRecordDataSource
   (one index over all shards, random access by record; grain's source of the same name
-  subclasses it, and importing grain costs seconds and 250 MB more for nothing else used)."""
+  subclasses it, and importing grain costs seconds and ~200 MB more for nothing else used)."""
 
   def __init__(self, shard_paths, lengths, counter=None):
     """lengths: of the first len(lengths) records (all of them, or data.max_documents)."""
