@@ -53,10 +53,14 @@ class DocumentStore:
         self._cache.move_to_end(i)
         return self._cache[i]
     doc = self._load(i)
-    assert len(doc) == self.lengths[i], (i, len(doc), self.lengths[i])
+    if len(doc) != self.lengths[i]:
+      raise ValueError(f"document {i} has {len(doc)} tokens, not the {self.lengths[i]} counted "
+                       "when the run started: its file changed; restart the run, or train on a "
+                       "corpus prepared with scripts/prepare_data.py")
     with self._lock:
-      self._cache[i] = doc
-      self._cached_tokens += len(doc)
+      if i not in self._cache:  # another thread may have loaded it meanwhile
+        self._cache[i] = doc
+        self._cached_tokens += len(doc)
       while self._cached_tokens > self._cache_tokens and len(self._cache) > 1:
         _, old = self._cache.popitem(last=False)
         self._cached_tokens -= len(old)
