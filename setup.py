@@ -15,7 +15,8 @@ setuptools.setup(
     ],
     extras_require={
         "tokenizers": ["tokenizers", "sentencepiece"],
-        "test": ["pytest", "pytest-xdist", "tokenizers", "sentencepiece", "matplotlib", "nbclient",
-                 "nbformat", "ipykernel"],
+        "arrayrecord": ["array_record"],  # data.source="arrayrecord", prepare_data.py
+        "test": ["pytest", "pytest-xdist", "tokenizers", "sentencepiece", "matplotlib",
+                 "array_record", "nbclient", "nbformat", "ipykernel"],
     },
 )

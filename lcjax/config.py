@@ -158,8 +158,10 @@ def base_config() -> ml_collections.ConfigDict:
                                   # taking part in the syncs (its modules no longer move for it)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl
-  c.data.paths = ""               # text/jsonl: comma-separated globs of files
+  c.data.source = "stdlib"        # stdlib (this Python's own .py sources) | text | jsonl |
+                                  # arrayrecord (a directory from scripts/prepare_data.py)
+  c.data.paths = ""               # text/jsonl: comma-separated globs of files; arrayrecord: the
+                                  # directory (its train/held-out split and tokenizer are fixed)
   c.data.eval_paths = ""          # optional globs of held-out files; "" = split `paths` by file hash
   c.data.eval_fraction = 0.05     # fraction of files (or JSONL documents) held out when splitting
   c.data.text_field = "text"      # jsonl: the field holding the document text
@@ -169,6 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_documents = 0        # use only the first N documents of each split; 0 = all
   c.data.eval_skip_prefix = 0     # held-out loss leaves out each document's first N targets
                                   # (DiPaCo's routing prefix: score every model after it)
+  c.data.prefetch = 2             # host batches built ahead in a background thread; 0 = off
   return c
 
 
@@ -397,10 +400,16 @@ def validate(config) -> ml_collections.ConfigDict:
            f"optim.host_lane must be auto, jit or cpu_backend; got {o.host_lane!r}")
   for key in ("h2d_gbps", "d2h_gbps", "host_update_gbps", "device_update_gbps"):
     _require(o[key] >= 0, f"optim.{key} must be >= 0 (0 = measure at start); got {o[key]}")
-  _require(d.source in ("stdlib", "text", "jsonl"),
-           f"data.source must be stdlib, text or jsonl; got {d.source!r}")
+  _require(d.source in ("stdlib", "text", "jsonl", "arrayrecord"),
+           f"data.source must be stdlib, text, jsonl or arrayrecord; got {d.source!r}")
   _require(d.source == "stdlib" or d.paths,
-           f"data.source={d.source!r} needs data.paths (comma-separated globs)")
+           f"data.source={d.source!r} needs data.paths (comma-separated globs; arrayrecord: the "
+           "directory scripts/prepare_data.py wrote)")
+  _require(d.source != "arrayrecord" or not d.eval_paths,
+           "data.eval_paths does not apply to data.source='arrayrecord' (its held-out split is "
+           "fixed when prepared); remove it or prepare with --eval_paths")
+  _require(d.prefetch >= 0, f"data.prefetch must be >= 0 (batches built ahead; 0 = off); got "
+           f"{d.prefetch}")
   _require(d.tokenizer in ("bytes", "hf", "sentencepiece"),
            f"data.tokenizer must be bytes, hf or sentencepiece; got {d.tokenizer!r}")
   _require(d.tokenizer == "bytes" or d.tokenizer_path,

@@ -7,31 +7,44 @@ sequence, segment ids count pieces from 1 and positions restart at 0 for each pi
 last sequence of an epoch holds padding (segment 0, loss mask 0).
 
 Sequence g of the run is sequence `order_e[g % N]` of epoch e = g // N: a pure function of
-(seed, g), so batches do not depend on the mesh and the position to resume from is one integer.
+(seed, g), so batches do not depend on the mesh and the position to resume from is one integer,
+and a process builds only its own rows of a batch. Documents come from a DocumentStore: lengths
+up front (to cut the epoch), tokens only for the documents a sequence touches.
 """
 import numpy as np
+
+from lcjax.data.store import as_store
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 class PackedSequences:
-  def __init__(self, token_docs: list[np.ndarray], seq_len: int, *, bos_id: int, eos_id: int,
+  def __init__(self, documents, seq_len: int, *, bos_id: int, eos_id: int,
                pad_id: int, seed: int, shuffle: bool, skip_prefix: int = 0):
-    """skip_prefix: the first `skip_prefix` targets of every document are not scored (loss
-    mask 0), e.g. the tokens a DiPaCo router read."""
+    """documents: a DocumentStore (lengths up front, tokens on demand) or a list of token
+    arrays. skip_prefix: the first `skip_prefix` targets of every document are not scored
+    (loss mask 0), e.g. the tokens a DiPaCo router read."""
+    self.documents = as_store(documents)
     self.seq_len, self.pad_id, self.seed, self.shuffle = seq_len, pad_id, seed, shuffle
-    self.skip_prefix = skip_prefix
-    lengths = np.array([len(d) + 2 for d in token_docs], np.int64)
-    self._starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    self._tokens = np.empty(int(lengths.sum()), np.int32)
-    for start, doc in zip(self._starts, token_docs):
-      self._tokens[start] = bos_id
-      self._tokens[start + 1:start + 1 + len(doc)] = doc
-      self._tokens[start + 1 + len(doc)] = eos_id
-    self._pairs = lengths - 1
+    self.bos_id, self.eos_id, self.skip_prefix = bos_id, eos_id, skip_prefix
+    self._pairs = self.documents.lengths + 1  # [BOS] + tokens + [EOS]: len + 1 pairs
     self.num_pairs = int(self._pairs.sum())
     self.num_sequences = -(-self.num_pairs // seq_len)
-    self._epoch_cache = (None, None, None)
+    self._epoch_cache = (None, None)
+
+  def window(self, doc: int, start: int, size: int) -> np.ndarray:
+    """int32 [size]: items start .. start+size-1 of document `doc` framed as [BOS] + tokens +
+    [EOS] (the frame is never built: a sequence needs a few hundred tokens of a long one)."""
+    tokens = self.documents.tokens(doc)
+    assert 0 <= start and start + size <= len(tokens) + 2, (doc, start, size, len(tokens))
+    out = np.empty(size, np.int32)
+    lo, hi = max(start - 1, 0), min(start - 1 + size, len(tokens))  # the tokens in the window
+    out[lo - (start - 1):hi - (start - 1)] = tokens[lo:hi]
+    if start == 0:
+      out[0] = self.bos_id
+    if start + size == len(tokens) + 2:
+      out[-1] = self.eos_id
+    return out
 
   def _epoch(self, epoch: int):
     """(document order, cumulative pair ends in that order, sequence order) of an epoch."""
@@ -47,12 +60,16 @@ class PackedSequences:
 
   def sequence(self, g: int) -> dict:
     """The g-th sequence of the run (epochs follow each other): a dict of int32 [T] arrays."""
+    return {f: v[0] for f, v in self.batch(g, 1).items()}
+
+  def _write(self, g: int, out: dict):
+    """Writes sequence g into the int32 [T] arrays `out` (one row of a batch)."""
     epoch, k = divmod(g, self.num_sequences)
     doc_order, ends, seq_order = self._epoch(epoch)
     T = self.seq_len
-    out = {"inputs": np.full(T, self.pad_id, np.int32), "targets": np.full(T, self.pad_id, np.int32),
-           "positions": np.zeros(T, np.int32), "segment_ids": np.zeros(T, np.int32),
-           "loss_mask": np.zeros(T, np.int32)}
+    out["inputs"][:] = out["targets"][:] = self.pad_id
+    for f in ("positions", "segment_ids", "loss_mask"):
+      out[f][:] = 0
     lo = int(seq_order[k]) * T
     hi = min(lo + T, self.num_pairs)
     i = int(np.searchsorted(ends, lo, side="right"))
@@ -61,27 +78,59 @@ class PackedSequences:
       doc = doc_order[i]
       doc_lo = int(ends[i] - self._pairs[doc])
       take = min(int(ends[i]), hi) - pos
-      src = self._starts[doc] + (pos - doc_lo)
+      src = pos - doc_lo
       dst = slice(pos - lo, pos - lo + take)
+      pairs = self.window(doc, src, take + 1)  # inputs and, one later, targets
       segment += 1
-      out["inputs"][dst] = self._tokens[src:src + take]
-      out["targets"][dst] = self._tokens[src + 1:src + 1 + take]
+      out["inputs"][dst] = pairs[:-1]
+      out["targets"][dst] = pairs[1:]
       out["positions"][dst] = np.arange(take)
       out["segment_ids"][dst] = segment
       out["loss_mask"][dst] = np.arange(pos - doc_lo, pos - doc_lo + take) >= self.skip_prefix
       pos += take
       i += 1
+
+  def batch(self, first: int, size: int, rows: range | None = None) -> dict:
+    """Rows `rows` (default all) of the batch of sequences first .. first+size-1, stacked into
+    [len(rows), T] arrays: row r is sequence first + r, whoever asks for it."""
+    rows = range(size) if rows is None else rows
+    out = {f: np.empty((len(rows), self.seq_len), np.int32) for f in FIELDS}
+    for i, r in enumerate(rows):
+      self._write(first + r, {f: v[i] for f, v in out.items()})
     return out
 
-  def batch(self, first: int, size: int) -> dict:
-    """Sequences first .. first+size-1 stacked into [size, T] arrays."""
-    seqs = [self.sequence(g) for g in range(first, first + size)]
-    return {f: np.stack([s[f] for s in seqs]) for f in FIELDS}
+
+def row_range(rows, batch_size: int) -> range:
+  """rows (None = all, a range or a slice of [0, batch_size)) as a range; ValueError if it
+  leaves the batch."""
+  if rows is None:
+    return range(batch_size)
+  if isinstance(rows, slice):
+    return range(*rows.indices(batch_size))
+  if not isinstance(rows, range) or rows.step < 1:
+    raise ValueError(f"rows must be an increasing range or slice of the batch's rows; got "
+                     f"{rows!r}")
+  if len(rows) and (min(rows) < 0 or max(rows) >= batch_size):
+    raise ValueError(f"rows {rows} leave the batch of {batch_size} rows; ask for rows within "
+                     f"range({batch_size})")
+  return rows
 
 
-def empty_batch_rows(batch: dict, keep: int) -> dict:
-  """Zeroes the loss mask and segments of rows >= keep (to pad the last eval batch)."""
+def rows_by_part(rows: range, part_size: int) -> list[tuple[int, range]]:
+  """[(part, rows within it)] of the consecutive parts of `part_size` rows that increasing
+  `rows` touch, in order (a batch concatenated from parts, e.g. DiPaCo's paths)."""
+  out = []
+  for part in range(rows[0] // part_size, rows[-1] // part_size + 1) if len(rows) else ():
+    local = [r - part * part_size for r in rows if 0 <= r - part * part_size < part_size]
+    if local:
+      out.append((part, range(local[0], local[-1] + 1, rows.step)))
+  return out
+
+
+def empty_rows(batch: dict, empty: np.ndarray) -> dict:
+  """Zeroes the loss mask and segments of the rows where `empty` [rows] is True (to pad the
+  last eval batch)."""
   out = {f: v.copy() for f, v in batch.items()}
-  out["loss_mask"][keep:] = 0
-  out["segment_ids"][keep:] = 0
+  out["loss_mask"][empty] = 0
+  out["segment_ids"][empty] = 0
   return out

@@ -1,14 +1,20 @@
 """Where documents come from: the standard library's sources (default), text files, JSONL.
 
+`scan` reads the corpus once and keeps, per document, only a reference (file, JSONL line
+offset) and its length in tokens; `Corpus.read` finds a document's text again on demand.
+
 Splits into train and held-out eval by a hash of each file's path (or of each JSONL document),
 so the split is the same on every machine and for every mesh.
 """
+import dataclasses
 import glob
 import json
 import os
 import pathlib
 import sysconfig
 import zlib
+
+import numpy as np
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -52,9 +58,12 @@ def _read_text(path) -> str | None:
 
 
 def _jsonl_documents(files, field):
-  for _, path in files:
+  """Yields (key, (file index, byte offset of the line), text) of each JSONL document."""
+  for file_index, (_, path) in enumerate(files):
     with open(path, "rb") as f:
+      offset = 0
       for line_no, raw in enumerate(f, 1):
+        line_offset, offset = offset, offset + len(raw)
         try:
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -76,40 +85,77 @@ def _jsonl_documents(files, field):
           raise ValueError(f"{path}:{line_no}: field {field!r} is a JSON "
                            f"{type(record[field]).__name__}, not a string; fix the line or set "
                            "data.text_field")
-        yield f"{path}:{line_no}", record[field]
+        yield f"{path}:{line_no}", (file_index, line_offset), record[field]
 
 
 def _documents(files, data_config, skipped: list):
-  """Yields (key, text); the key decides the train/eval split. Binary and non-UTF-8 text files
-  are not trained on: their paths go to `skipped`."""
+  """Yields (key, ref, text); the key decides the train/eval split, the ref finds the text again
+  (`Corpus.read`). Binary and non-UTF-8 text files are not trained on: their paths go to
+  `skipped`."""
   if data_config.source == "jsonl":
     yield from _jsonl_documents(files, data_config.text_field)
   else:
-    for key, path in files:
+    for file_index, (key, path) in enumerate(files):
       text = _read_text(path)
       if text is None:
         skipped.append(path)
       else:
-        yield key, text
+        yield key, (file_index, -1), text
 
 
-def load_documents(data_config) -> tuple[list[str], list[str]]:
-  """(train documents, eval documents) as text, in a fixed order."""
+@dataclasses.dataclass
+class Corpus:
+  """The train and held-out documents as references into their files, with their lengths in
+  tokens; no text is kept. A ref is (file index, byte offset of a JSONL line; -1 = the file)."""
+  paths: list            # the files refs point into (train files, then eval files)
+  text_field: str        # JSONL: the field holding the text; "" for text files
+  train_refs: np.ndarray   # [N, 2] int64
+  eval_refs: np.ndarray
+  train_lengths: np.ndarray  # [N] int64 tokens per document (no BOS/EOS)
+  eval_lengths: np.ndarray
+
+  def read(self, ref) -> str:
+    """The text of the document at `ref` (the scan that made the corpus validated it)."""
+    file_index, offset = int(ref[0]), int(ref[1])
+    if offset < 0:
+      return _read_text(self.paths[file_index])
+    with open(self.paths[file_index], "rb") as f:
+      f.seek(offset)
+      return json.loads(f.readline().decode("utf-8"))[self.text_field]
+
+
+def scan(data_config, length_of) -> Corpus:
+  """One pass over the corpus that keeps only where each document is and its length
+  (`length_of(text) -> int`), split into train and held-out documents in a fixed order."""
   if data_config.source == "stdlib":
     files = stdlib_files()
   else:
     files = _glob_files(data_config.paths, "data.paths")
   eval_files = _glob_files(data_config.eval_paths, "data.eval_paths") if data_config.eval_paths else []
-  train, held_out, skipped = [], [], []
-  for key, text in _documents(files, data_config, skipped):
-    if not text:
-      continue
-    (held_out if not eval_files and _held_out(key, data_config.eval_fraction) else train).append(text)
-  for _, text in _documents(eval_files, data_config, skipped):
+  split = {"train": ([], []), "eval": ([], [])}
+  skipped = []
+  for key, ref, text in _documents(files, data_config, skipped):
     if text:
-      held_out.append(text)
-  if data_config.max_documents:
-    train, held_out = train[:data_config.max_documents], held_out[:data_config.max_documents]
+      held = not eval_files and _held_out(key, data_config.eval_fraction)
+      refs, lengths = split["eval" if held else "train"]
+      refs.append(ref)
+      lengths.append(length_of(text))
+  for _, (file_index, offset), text in _documents(eval_files, data_config, skipped):
+    if text:
+      split["eval"][0].append((len(files) + file_index, offset))
+      split["eval"][1].append(length_of(text))
+  limit = data_config.max_documents or None
+  arrays = {name: (np.array(refs[:limit], np.int64).reshape(-1, 2),
+                   np.array(lengths[:limit], np.int64))
+            for name, (refs, lengths) in split.items()}
+  _check_not_empty(data_config, len(arrays["train"][1]), len(arrays["eval"][1]), skipped)
+  (train_refs, train_lengths), (eval_refs, eval_lengths) = arrays["train"], arrays["eval"]
+  return Corpus([p for _, p in files + eval_files],
+                data_config.text_field if data_config.source == "jsonl" else "",
+                train_refs, eval_refs, train_lengths, eval_lengths)
+
+
+def _check_not_empty(data_config, train: int, held_out: int, skipped: list):
   where = "the standard library" if data_config.source == "stdlib" else repr(data_config.paths)
   note = (f" ({len(skipped)} binary or non-UTF-8 files skipped, e.g. {skipped[0]})"
           if skipped else "")
@@ -121,4 +167,10 @@ def load_documents(data_config) -> tuple[list[str], list[str]]:
   if not held_out:
     raise ValueError(f"the corpus from {where} has no held-out document{note}; raise "
                      "data.eval_fraction or set data.eval_paths")
-  return train, held_out
+
+
+def load_documents(data_config) -> tuple[list[str], list[str]]:
+  """(train documents, eval documents) as text, in a fixed order: the whole corpus in memory
+  (DiPaCo's routing reads every text; training reads documents lazily through `scan`)."""
+  corpus = scan(data_config, len)
+  return ([corpus.read(r) for r in corpus.train_refs], [corpus.read(r) for r in corpus.eval_refs])

@@ -100,3 +100,16 @@ def make_tokenizer(data_config):
   if kind == "sentencepiece":
     return SentencePieceTokenizer(data_config.tokenizer_path)
   raise ValueError(f"data.tokenizer must be bytes, hf or sentencepiece; got {kind!r}")
+
+
+def identity(data_config, tokenizer) -> dict:
+  """What decides a tokenizer's ids: its kind, the SHA-256 of its file (none for bytes), its
+  vocabulary size and special ids. A prepared corpus records it; a run checks it."""
+  import hashlib
+  digest = ""
+  if data_config.tokenizer != "bytes":
+    with open(data_config.tokenizer_path, "rb") as f:
+      digest = hashlib.sha256(f.read()).hexdigest()
+  return {"kind": data_config.tokenizer, "sha256": digest, "vocab_size": int(tokenizer.vocab_size),
+          "bos_id": int(tokenizer.bos_id), "eos_id": int(tokenizer.eos_id),
+          "pad_id": int(tokenizer.pad_id)}

@@ -31,7 +31,9 @@ import zlib
 import numpy as np
 
 from lcjax import config as config_lib
-from lcjax.data import Datasets, PackedSequences, load_documents, make_tokenizer
+from lcjax.data import Datasets, PackedSequences, load_documents, make_tokenizer, row_range
+from lcjax.data.packing import rows_by_part
+from lcjax.data.store import ReadCounter
 
 
 def uniform(texts, num_paths: int, seed: int) -> np.ndarray:
@@ -188,29 +190,39 @@ class PathDatasets:
   def rounds(self) -> int:
     return max(1, self.num_paths // self.replicas)
 
-  def train_batch(self, first_sequence: int, batch_size: int) -> dict:
-    """The global batch: path p's rows are sequences first/P .. of its shard. In rounds (P > R
-    islands, S = P / R rounds of H steps), step s trains round j = (s // H) mod S: island r
-    reads B / R sequences of path r*S + j's shard, from where that path's earlier steps left it."""
+  def train_batch(self, first_sequence: int, batch_size: int, rows=None) -> dict:
+    """Rows `rows` (None = all; data.row_range) of the global batch: path p's rows are sequences
+    first/P .. of its shard. In rounds (P > R islands, S = P / R rounds of H steps), step s
+    trains round j = (s // H) mod S: island r reads B / R sequences of path r*S + j's shard,
+    from where that path's earlier steps left it."""
     P, S = self.num_paths, self.rounds
+    rows = row_range(rows, batch_size)
     if S == 1:
-      parts = [d.train_batch(first_sequence // P, batch_size // P) for d in self.paths]
+      size = batch_size // P
+      parts = [self.paths[p].train_batch(first_sequence // P, size, local)
+               for p, local in rows_by_part(rows, size)]
     else:
-      H, rows = self.round_steps, batch_size // self.replicas
+      H, size = self.round_steps, batch_size // self.replicas
       step = first_sequence // batch_size
       cycles, within = divmod(step, H * S)
-      parts = []
-      for r in range(self.replicas):
-        j = (step // H) % S
-        done = cycles * H + min(max(within - j * H, 0), H)  # steps path r*S + j trained before
-        parts.append(self.paths[r * S + j].train_batch(done * rows, rows))
+      j = (step // H) % S
+      done = cycles * H + min(max(within - j * H, 0), H)  # steps each path of round j trained
+      parts = [self.paths[r * S + j].train_batch(done * size, size, local)
+               for r, local in rows_by_part(rows, size)]
+    if not parts:
+      return self.paths[0].train_batch(0, batch_size, range(0))
     return {f: np.concatenate([b[f] for b in parts]) for f in parts[0]}
 
-  def eval_batches(self, batch_size: int, max_batches: int, path: int = 0):
-    """Path `path`'s held-out batches (none when no held-out document is routed to it)."""
+  def eval_batches(self, batch_size: int, max_batches: int, path: int = 0, rows=None):
+    """Path `path`'s held-out batches, `rows` of each (none when no held-out document is
+    routed to it)."""
     if self.paths[path].eval is None:
       return iter(())
-    return self.paths[path].eval_batches(batch_size, max_batches)
+    return self.paths[path].eval_batches(batch_size, max_batches, rows)
+
+  def stats(self) -> dict:
+    """What was tokenized: every document, up front (routing reads them all)."""
+    return self.whole.stats()
 
   def unigram_entropy(self) -> float:
     return self.whole.unigram_entropy()
@@ -386,7 +398,10 @@ def build(config, seq_len: int, seed: int, layout=None) -> PathDatasets:
                        "more data (data.max_documents)")
     shards.append(Datasets(tokenizer, pack(train, True), pack(held, False) if held else None,
                            layout))
-  whole = Datasets(tokenizer, pack(train_tokens, True), pack(eval_tokens, False), layout)
+  tokenized = ReadCounter(len(docs) + len(eval_docs),
+                          sum(len(t.encode("utf-8")) for t in docs + eval_docs))
+  whole = Datasets(tokenizer, pack(train_tokens, True), pack(eval_tokens, False), layout,
+                   tokenized)
   return PathDatasets(tokenizer, shards, whole,
                       [int(np.sum(train_paths == p)) for p in range(grid.num_paths)], train_paths,
                       router,
