@@ -21,6 +21,8 @@ from lcjax import cli
 
 # What the data position means: changing any of these (or any other data.* key) under an old
 # position reads other tokens.
+# data.* keys that change how batches are made, not which tokens they hold.
+NOT_DATA_STREAM = ("data.prefetch",)
 DATA_STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.eval_fraction",
                     "data.text_field", "data.tokenizer", "data.tokenizer_path",
                     "data.max_documents", "train.seed", "train.seq_len", "train.batch_size")
@@ -143,7 +145,7 @@ class Checkpointer:
       return
     saved = self._saved_config()
     data_keys = sorted(k for k in set(_flat(saved)) | set(_flat(self.config_dict))
-                       if k.startswith("data."))
+                       if k.startswith("data.") and k not in NOT_DATA_STREAM)
     routing = ROUTING_KEYS if self.config_dict["outer"]["kind"] == "dipaco" else ()
     for key in dict.fromkeys(DATA_STREAM_KEYS + routing + tuple(data_keys)):
       if _lookup(saved, key) != _lookup(self.config_dict, key):

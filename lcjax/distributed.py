@@ -112,3 +112,17 @@ def agreed(build, *, what: str = "the run's set-up"):
     raise error
   first = bytes(everyone[failed[0], :-1]).rstrip(b"\0").decode(errors="replace")
   raise ValueError(first) from None
+
+
+def per_process(counts: dict) -> dict:
+  """{"<key>/process<i>": value} of every process's `counts` (int values; the same keys on
+  every process), gathered on all of them."""
+  if jax.process_count() == 1:
+    return {f"{k}/process0": int(v) for k, v in counts.items()}
+  import numpy as np
+  from jax.experimental import multihost_utils
+  keys = sorted(counts)
+  rows = np.asarray(multihost_utils.process_allgather(
+      np.array([counts[k] for k in keys], np.int64))).reshape(jax.process_count(), len(keys))
+  return {f"{k}/process{i}": int(rows[i, j]) for i in range(len(rows))
+          for j, k in enumerate(keys)}

@@ -77,20 +77,19 @@ def device_batch(batch_np, sharding, share=None):
 
 @dataclasses.dataclass(frozen=True)
 class RowShare:
-  """The rows of the global [batch_size, ...] batch that this process's devices hold: what the
-  process builds on its host (none of the others' rows)."""
-  rows: np.ndarray          # sorted global row indices
-  batch_size: int
+  """The rows of the global [batch_size, ...] batch that this process's devices hold: the span
+  the process builds on its host (none of the other processes' rows)."""
+  span: range               # global rows first .. last held here (a process's are contiguous
+  batch_size: int           # on the meshes mesh.py builds; a gap would only be built idle)
 
   @classmethod
   def of(cls, sharding, batch_size: int, seq_len: int) -> "RowShare":
     blocks = sharding.addressable_devices_indices_map((batch_size, seq_len)).values()
-    rows = sorted({r for index in blocks for r in range(*index[0].indices(batch_size))})
-    return cls(np.asarray(rows, np.int64), batch_size)
+    rows = [r for index in blocks for r in range(*index[0].indices(batch_size))]
+    return cls(range(min(rows), max(rows) + 1), batch_size)
 
-  def block(self, local_rows, index):
-    """The block `index` (global slices) of the global batch, from this process's rows."""
-    wanted = np.arange(self.batch_size)[index[0]]
-    at = np.searchsorted(self.rows, wanted)
-    assert np.array_equal(self.rows[np.minimum(at, len(self.rows) - 1)], wanted), (index, self.rows)
-    return local_rows[at][(slice(None),) + tuple(index[1:])]
+  def block(self, span_rows, index):
+    """The block `index` (global slices) of the global batch, from the rows of this span."""
+    rows = np.arange(self.batch_size)[index[0]] - self.span.start
+    assert rows.min() >= 0 and rows.max() < len(self.span), (index, self.span)
+    return span_rows[rows][(slice(None),) + tuple(index[1:])]

@@ -96,9 +96,12 @@ def row_share(program, config):
                                config.train.seq_len)
 
 
+def _rows(share):
+  """The `rows` argument of the data streams: this process's span, or all rows."""
+  return None if share is None else share.span
+
+
 def _on_device(program, batch, share):
-  if share is not None:
-    batch = {f: v[share.rows] for f, v in batch.items()}
   return parts_lib.device_batch(batch, program.batch_sharding, share)
 
 
@@ -116,12 +119,13 @@ def evaluate(program, state, datasets, config) -> dict:
   t, record, share = config.train, {}, row_share(program, config)
   if program.num_paths == 1:
     loss_sum, count = _eval_sums(program, program.model_params(state),
-                                 datasets.eval_batches(t.batch_size, t.eval_batches), share)
+                                 datasets.eval_batches(t.batch_size, t.eval_batches, rows=_rows(share)), share)
   else:
     loss_sum = count = 0.0
     for p in range(program.num_paths):
       s, c = _eval_sums(program, program.path_params(state, p),
-                        datasets.eval_batches(t.batch_size, t.eval_batches, path=p), share)
+                        datasets.eval_batches(t.batch_size, t.eval_batches, path=p,
+                                              rows=_rows(share)), share)
       if c:  # a path no held-out document is routed to has no held-out loss
         record[f"eval/loss/path{p}"] = s / c
       loss_sum, count = loss_sum + s, count + c
@@ -290,8 +294,9 @@ class _Reader:
     self.skipped = writer.last("train/skipped_steps", 0)
     self.timer, self.timed_steps = time.perf_counter(), 0
 
-  def read(self, pending) -> dict:
-    """The record of the last pending step, written; NonFinite under nan_policy 'stop'."""
+  def read(self, pending, extra=None) -> dict:
+    """The record of the last pending step with `extra`, written; NonFinite under nan_policy
+    'stop'."""
     skipped, record = 0, {}
     for logged_step, m in jax.device_get(pending):
       record = self.program.annotate(logged_step, {k: float(v) for k, v in m.items()})
@@ -305,7 +310,7 @@ class _Reader:
     record.update({"train/step_time_s": elapsed,
                    "train/tokens_per_s": self.t.batch_size * self.t.seq_len / elapsed,
                    "train/mfu": self.flops / elapsed / (self.peak * self.program.mesh.devices.size),
-                   **metrics_lib.device_memory()})
+                   **metrics_lib.device_memory(), **(extra or {})})
     if self.t.nan_policy == "skip":
       self.skipped += skipped
       record.update({"train/skipped": skipped, "train/skipped_steps": self.skipped})
@@ -332,14 +337,19 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
   flops = metrics_lib.train_flops_per_step(model_cfg, t.batch_size, t.seq_len)
   reader = _Reader(config, program, checkpointer, writer, flops, peak)
   pending, last, share = [], {}, row_share(program, config)
+  first_sequence = next_sequence
+  make_batch = lambda step: datasets.train_batch(  # noqa: E731
+      first_sequence + (step - start) * t.batch_size, t.batch_size, rows=_rows(share))
   bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", unit="step", mininterval=2,
                   disable=not distributed.is_leader())
+  # Host batches are built a few steps ahead on a thread: data/wait_s is what the loop still
+  # waited for them, per step (0 when the host keeps up).
+  batches = data_lib.Prefetcher(make_batch, start, t.steps, depth=config.data.prefetch)
   try:
-    for step in range(start, t.steps):
+    for step, batch in batches:
       if preemption.requested(step):
         _stop_preempted(preemption, reader, pending, step, start, program.saved_view(state),
                         next_sequence)
-      batch = datasets.train_batch(next_sequence, t.batch_size)
       next_sequence += t.batch_size
       state, metrics = runner(state, _on_device(program, batch, share))
       pending.append((step + 1, metrics))
@@ -348,7 +358,8 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
       evaluate_now = done % t.eval_every == 0 or done == t.steps
       save = done % config.checkpoint.every == 0 or done == t.steps
       if log or evaluate_now or save:  # the host reads the metrics anyway: check them here
-        last.update(reader.read(pending))
+        data_record = {"data/wait_s": batches.take_wait_s() / len(pending), **datasets.stats()}
+        last.update(reader.read(pending, data_record))
         bar.set_postfix(loss=f"{last['train/loss']:.3f}")
         pending = []
       if evaluate_now:
@@ -366,6 +377,9 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
       bar.update(1)
   finally:  # before any stop line: the bar is not redrawn after it
     bar.close()
+    batches.close()
+  # What each process read: on several processes its share of the rows, not the whole corpus.
+  writer.write(t.steps, distributed.per_process(datasets.stats()))
   return {**last, "params": _sample_params(program, state, config, datasets)}
 
 

@@ -106,6 +106,15 @@ def test_two_processes_log_the_losses_of_one(tmp_path):
   start = json.loads(metrics[0])
   assert start["mesh"] == "data=2 x fsdp=2 x ring=2" and start["device/count"] == 8
   assert_same_losses(read_losses(tmp_path / "two"), one_process_losses(PLAIN, tmp_path / "one"))
+  # Each process tokenized about half of what one process reading every row did.
+  alone = _last(tmp_path / "one", "data/documents_loaded/process0")
+  shares = [_last(tmp_path / "two", f"data/documents_loaded/process{i}") for i in (0, 1)]
+  assert max(shares) < 0.75 * alone and sum(shares) <= 1.15 * alone, (shares, alone)
+
+
+def _last(workdir, key):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r[key] for r in records if key in r][-1]
 
 
 def _wait_for_checkpoint(proc, workdir, step):

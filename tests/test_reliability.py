@@ -135,14 +135,16 @@ def test_sigint_saves_at_the_next_step_and_the_resume_is_exact(tmp_path, monkeyp
   handler = signal.getsignal(signal.SIGINT)
   train_batch = data_lib.Datasets.train_batch
 
-  def interrupted(self, first, size):  # a real SIGINT while step 4's batch is being built
-    if first == 3 * B:
+  def interrupted(self, first, size, rows=None):  # a real SIGINT while step 5's batch is built:
+    if first == 4 * B:                             # the run stops after step 4, before step 5
       os.kill(os.getpid(), signal.SIGINT)
-    return train_batch(self, first, size)
+    return train_batch(self, first, size, rows)
 
   monkeypatch.setattr(data_lib.Datasets, "train_batch", interrupted)
+  config = tiny_config()
+  config.data.prefetch = 0  # step 5's batch is built just before step 5, not ahead of it
   with pytest.raises(workdir_lib.Preempted) as stop:
-    train_and_evaluate(tiny_config(), tmp_path)
+    train_and_evaluate(config, tmp_path)
   monkeypatch.undo()
   assert stop.value.code == workdir_lib.EXIT_PREEMPTED == 75
   assert str(stop.value).startswith("lcjax: SIGINT at step 4: checkpoint 4 is saved in ")
@@ -164,7 +166,7 @@ def test_sigint_saves_at_the_next_step_and_the_resume_is_exact(tmp_path, monkeyp
   assert sorted(s for tag, s in points if tag == "train/loss") == list(range(1, 7))
 
 
-# The tiny config, its batches slowed down, and step 4's batch held back until the file named by
+# The tiny config, its batches slowed down, and step 5's batch held back until the file named by
 # LCJAX_TEST_RELEASE exists: a signal lands mid-run, at a known step.
 SLOW_CONFIG = f"""
 import os, sys, time
@@ -175,21 +177,23 @@ from lcjax import data
 _train_batch = data.Datasets.train_batch
 
 
-def _slow(self, first, size):
+def _slow(self, first, size, rows=None):
   time.sleep(0.2)
   release = os.environ["LCJAX_TEST_RELEASE"]
-  if first == 3 * size:
+  if first == 4 * size:
     open(release + ".waiting", "w").close()
-  while first == 3 * size and not os.path.exists(release):
+  while first == 4 * size and not os.path.exists(release):
     time.sleep(0.1)
-  return _train_batch(self, first, size)
+  return _train_batch(self, first, size, rows)
 
 
 data.Datasets.train_batch = _slow
 
 
 def get_config():
-  return tiny_config()
+  config = tiny_config()
+  config.data.prefetch = 0  # step 5's batch is held back just before step 5, not ahead
+  return config
 """
 PLAIN_CONFIG = f"""
 import sys
@@ -232,8 +236,8 @@ def test_sigterm_mid_run_saves_refuses_a_second_run_and_resumes_exactly(tmp_path
   workdir = tmp_path / "run"
   process = _start(tmp_path, workdir)
   try:
-    _wait_for(lambda: (tmp_path / "release.waiting").exists(), process)  # held before step 4
-    assert _logged(workdir) == 3
+    _wait_for(lambda: (tmp_path / "release.waiting").exists(), process)  # held before step 5
+    assert _logged(workdir) == 4
     # A second run on the same workdir stops at its lock, naming the first's pid.
     config = tmp_path / "tiny.py"
     config.write_text(PLAIN_CONFIG)
