@@ -95,9 +95,24 @@ def assert_same_losses(got, want):
                              rtol=1e-5)
 
 
+def _short_documents(directory, count=600, seed=0):
+  """`count` text files of 3-6 words: a sequence of 32 bytes holds about two documents, so the
+  rows of the two processes touch different documents (the stdlib's files are longer than many
+  sequences, and neighbouring rows share them)."""
+  import random
+  rng = random.Random(seed)
+  words = ["lcjax", "ring", "ulysses", "mesh", "host", "token", "batch", "step", "shard"]
+  directory.mkdir()
+  for i in range(count):
+    (directory / f"doc{i:03d}.txt").write_text(" ".join(rng.choices(words, k=rng.randint(3, 6))))
+  return {"data.source": "text", "data.paths": f"{directory}/*.txt", "data.max_documents": 0}
+
+
 def test_two_processes_log_the_losses_of_one(tmp_path):
-  """data across the 2 processes (mesh.dcn_data=2), fsdp 2 x ring 2 inside each."""
-  out = run_to_end(tmp_path / "two", PLAIN, tmp_path / "cache")
+  """data across the 2 processes (mesh.dcn_data=2), fsdp 2 x ring 2 inside each; each process
+  tokenizes only the documents of its rows."""
+  plain = {**PLAIN, **_short_documents(tmp_path / "corpus")}
+  out = run_to_end(tmp_path / "two", plain, tmp_path / "cache")
   assert "[process 1] {" not in out, "only process 0 prints the result"
   assert "held-out loss" in out
   metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
@@ -105,7 +120,7 @@ def test_two_processes_log_the_losses_of_one(tmp_path):
   assert steps == sorted(steps), "one writer: records in order, none twice"
   start = json.loads(metrics[0])
   assert start["mesh"] == "data=2 x fsdp=2 x ring=2" and start["device/count"] == 8
-  assert_same_losses(read_losses(tmp_path / "two"), one_process_losses(PLAIN, tmp_path / "one"))
+  assert_same_losses(read_losses(tmp_path / "two"), one_process_losses(plain, tmp_path / "one"))
   # Each process tokenized about half of what one process reading every row did.
   alone = _last(tmp_path / "one", "data/documents_loaded/process0")
   shares = [_last(tmp_path / "two", f"data/documents_loaded/process{i}") for i in (0, 1)]
