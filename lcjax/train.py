@@ -101,14 +101,10 @@ def _rows(share):
   return None if share is None else share.span
 
 
-def _on_device(program, batch, share):
-  return parts_lib.device_batch(batch, program.batch_sharding, share)
-
-
 def _eval_sums(program, params, batches, share) -> tuple[float, float]:
   """(cross-entropy sum, token count) over held-out batches."""
   sums = jax.device_get([  # all batches dispatched first, then one host sync
-      program.eval(params, _on_device(program, batch, share)) for batch in batches])
+      program.eval(params, parts_lib.device_batch(batch, program.batch_sharding, share)) for batch in batches])
   return sum(float(s) for s, _ in sums), sum(float(c) for _, c in sums)
 
 
@@ -351,7 +347,8 @@ def _loop(config, program, runner, state, next_sequence, datasets, checkpointer,
         _stop_preempted(preemption, reader, pending, step, start, program.saved_view(state),
                         next_sequence)
       next_sequence += t.batch_size
-      state, metrics = runner(state, _on_device(program, batch, share))
+      state, metrics = runner(state, parts_lib.device_batch(batch, program.batch_sharding,
+                                                                  share))
       pending.append((step + 1, metrics))
       done = step + 1
       log = done % t.log_every == 0 or done == t.steps
