@@ -9,6 +9,7 @@ Reliability (docs/reliability.md): the workdir is locked before it is read; the 
 each log, eval and checkpoint boundary are checked to be finite (guard.py, train.nan_policy) and
 every saved state is finite; SIGTERM/SIGINT save at the next step boundary (workdir.py).
 """
+import collections
 import dataclasses
 import math
 import pathlib
@@ -101,11 +102,21 @@ def _rows(share):
   return None if share is None else share.span
 
 
-def _eval_sums(program, params, batches, share) -> tuple[float, float]:
-  """(cross-entropy sum, token count) over held-out batches."""
-  sums = jax.device_get([  # all batches dispatched first, then one host sync
-      program.eval(params, parts_lib.device_batch(batch, program.batch_sharding, share)) for batch in batches])
-  return sum(float(s) for s, _ in sums), sum(float(c) for _, c in sums)
+def _eval_sums(program, params, batches, share, in_flight: int = 2) -> tuple[float, float]:
+  """(cross-entropy sum, token count) over held-out batches, at most `in_flight` dispatched
+  ahead of the host: enough to overlap the next batch's transfer with this one's compute, few
+  enough to bound device memory (and XLA:CPU's collective rendezvous, which deadlocked with a
+  whole split of evaluations queued at once)."""
+  pending, loss_sum, count = collections.deque(), 0.0, 0.0
+  for batch in batches:
+    pending.append(program.eval(params, parts_lib.device_batch(batch, program.batch_sharding,
+                                                               share)))
+    if len(pending) > in_flight:
+      s, c = jax.device_get(pending.popleft())
+      loss_sum, count = loss_sum + float(s), count + float(c)
+  for s, c in jax.device_get(list(pending)):
+    loss_sum, count = loss_sum + float(s), count + float(c)
+  return loss_sum, count
 
 
 def evaluate(program, state, datasets, config) -> dict:

@@ -33,6 +33,15 @@ def tiny_config(**mesh):
   return c
 
 
+def tiny_outer_config(kind, **outer):
+  """The tiny model on 4 islands of 2 devices, 6 steps, syncing every 2: outer.kind=kind."""
+  c = tiny_config()
+  c.mesh.update(replica=4, data=2, fsdp=1)
+  c.train.update(steps=6, log_every=1, eval_every=3, batch_size=8)
+  c.outer.update(kind=kind, inner_steps=2, **outer)
+  return c
+
+
 def wide_config(width: int):
   """2 layers of `width` (heads of 128, MLP 4096) on fsdp 4, 4 sequences: big enough per token
   that compile targets run out of memory at lengths that still compile fast."""

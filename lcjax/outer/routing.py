@@ -125,8 +125,10 @@ def fit_logistic(x: np.ndarray, labels: np.ndarray, num_paths: int, *, l2: float
 
 def balance_bias(logits: np.ndarray, min_docs: int = 1) -> np.ndarray:
   """[P] bias added to the router's logits [N, P] so that every path is the top choice of at
-  least `min_docs` documents: an underfull path's bias rises just enough to win the documents
-  it loses by the least, taken only from paths that keep min_docs."""
+  least `min_docs` documents: an underfull path's bias rises to win the documents that lose
+  least by going there among those whose path can spare them, halfway to the next document's
+  margin (so that no rounding decides); a path left underfull by that is served next. Every bias
+  is a float32 value (the router saves it so): the counts checked here are the saved router's."""
   n, num_paths = logits.shape
   if n < num_paths * min_docs:
     raise ValueError(f"{n} documents cannot give each of {num_paths} paths {min_docs}")
@@ -139,10 +141,24 @@ def balance_bias(logits: np.ndarray, min_docs: int = 1) -> np.ndarray:
     if not len(short):
       return bias
     p = int(short[0])
-    donors = counts[choice] > min_docs  # documents whose path can spare them
-    margin = np.where(donors, scores[np.arange(n), choice] - scores[:, p], np.inf)
-    bias[p] += np.sort(margin)[min_docs - counts[p] - 1] + 1e-9 * (1 + abs(bias[p]))
-  raise RuntimeError("balance_bias did not converge")  # each round moves a document: unreachable
+    margin = np.where(choice == p, np.inf, scores[np.arange(n), choice] - scores[:, p])
+    spare = np.sort(margin[counts[choice] > min_docs])
+    won = spare[min(min_docs - counts[p], len(spare)) - 1]
+    next_one = np.min(margin[margin > won], initial=np.inf)
+    raised = bias[p] + ((won + next_one) / 2 if np.isfinite(next_one) else won + 1.0)
+    bias[p] = _float32_above(raised, bias[p] + won)
+  raise ValueError(f"could not make each of {num_paths} paths the first choice of {min_docs} "
+                   f"of {n} documents (too few distinct features?); use fewer paths "
+                   "(outer.modules) or more documents")
+
+
+def _float32_above(value: float, floor: float) -> float:
+  """A float32 near `value` and above `floor`: the float32 rounding of `value` is stepped up
+  when it falls to `floor` or below (scores are minus squared distances, up to 1e3 and more)."""
+  rounded = np.float32(value)
+  while rounded <= floor:
+    rounded = np.nextafter(rounded, np.float32(np.inf))
+  return float(rounded)
 
 
 def balance_labels(losses: np.ndarray) -> np.ndarray:
