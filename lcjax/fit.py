@@ -3,8 +3,9 @@
 Everything is compiled ahead of time from abstract inputs (`jax.ShapeDtypeStruct`), so real model
 shapes are planned on a CPU with fake devices, or for a compile target's devices
 (`lcjax.targets`: the TPU or GPU compiler, its memory analysis), and nothing is allocated. A
-step's per-device memory is the compiler's peak where it reports one (TPU, GPU), else arguments +
-temporaries + outputs - outputs aliased to donated arguments (CPU). A target compiler that runs
+step's per-device memory on TPU is the HBM of libtpu's own buffer assignment (its memory-usage
+report); elsewhere the smaller of the compiler's peak (GPU) and arguments + temporaries + outputs
+- outputs aliased to donated arguments (`metrics.step_bytes`). A target compiler that runs
 out of memory (RESOURCE_EXHAUSTED) gives a step that does not fit, with the figure it names.
 """
 import dataclasses
@@ -15,12 +16,14 @@ import jax
 from lcjax import metrics as metrics_lib
 from lcjax import parts as parts_lib
 from lcjax import program as program_lib
+from lcjax.ops import manual
 from lcjax.train import prepare
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
   seq_len: int
-  total: int           # the per-device bytes the step needs (`metrics.step_bytes`)
+  total: int           # the per-device bytes the step needs: on TPU libtpu's buffer assignment
+                       # (metrics.BufferReport), elsewhere `metrics.step_bytes`
   argument: int = 0
   temp: int = 0
   output: int = 0
@@ -54,17 +57,19 @@ def step_memory(config, seq_len: int, devices=None) -> StepMemory:
     program = program_lib.build(prepared, aot=True)
     batch = parts_lib.abstract_batch(prepared.config.train.batch_size, seq_len,
                                      program.batch_sharding)
-    try:
-      _, compiled = program.compile(batch)
-    except jax.errors.JaxRuntimeError as e:
-      message = metrics_lib.out_of_memory(e)
-      if message is None:
-        raise
-      return StepMemory(seq_len, metrics_lib.exhausted_bytes(message), exhausted=message)
+    with metrics_lib.BufferReport(manual.platform(prepared.mesh)) as report:
+      try:
+        _, compiled = program.compile(batch, report.options)
+      except jax.errors.JaxRuntimeError as e:
+        message = metrics_lib.out_of_memory(e)
+        if message is None:
+          raise
+        return StepMemory(seq_len, metrics_lib.exhausted_bytes(message), exhausted=message)
+      hbm = report.hbm_bytes()
     mem = compiled.memory_analysis()
-  return StepMemory(seq_len, metrics_lib.step_bytes(mem), mem.argument_size_in_bytes,
-                    mem.temp_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
-                    mem.host_temp_size_in_bytes)
+  return StepMemory(seq_len, metrics_lib.step_bytes(mem) if hbm is None else hbm,
+                    mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
+                    mem.alias_size_in_bytes, mem.host_temp_size_in_bytes)
 
 
 def _measure_in_child(config, seq_len: int, target_name: str, queue):

@@ -128,10 +128,11 @@ class Program:
   def trace(self, abstract_batch) -> jax.stages.Traced:
     return self._step.trace(self.live.abstract, abstract_batch)
 
-  def compile(self, abstract_batch):
+  def compile(self, abstract_batch, compiler_options=None):
     """(runner, compiled): the one ahead-of-time compile of the step; runner(state, batch) ->
-    (state, metrics) runs it; compiled.memory_analysis() gives its memory."""
-    compiled = self.trace(abstract_batch).lower().compile()
+    (state, metrics) runs it; compiled.memory_analysis() gives its memory. `compiler_options`:
+    XLA's, for this compile only (metrics.BufferReport's dump)."""
+    compiled = self.trace(abstract_batch).lower().compile(compiler_options or None)
 
     def run(state, batch):
       state, metrics, extra = compiled(state, batch)

@@ -31,6 +31,7 @@ from lcjax import ops
 from lcjax import parts as parts_lib
 from lcjax import program as program_lib
 from lcjax import sample as sample_lib
+from lcjax.ops import manual
 from lcjax import targets as targets_lib
 from lcjax import workdir as workdir_lib
 from lcjax.outer import routing
@@ -143,14 +144,14 @@ def evaluate(program, state, datasets, config) -> dict:
   return record
 
 
-def _start_record(program, model_cfg, config, compiled, state, peak_flops):
+def _start_record(program, model_cfg, config, compiled, state, peak_flops, hbm_bytes=None):
   tokens = config.train.batch_size * config.train.seq_len
   record = {"model/params": model_cfg.param_count(),
             "model/flops_per_step": metrics_lib.train_flops_per_step(
                 model_cfg, config.train.batch_size, config.train.seq_len),
             "model/tokens_per_step": tokens, "mesh": mesh_lib.describe(program.mesh),
             "device/peak_flops": peak_flops, "device/count": program.mesh.devices.size,
-            **metrics_lib.compiled_memory(compiled)}
+            **metrics_lib.compiled_memory(compiled, hbm_bytes)}
   # The fp32 parameters are the master weights: with the moments, the optimizer's state. A dry
   # run's abstract state carries the shardings (memory kinds) the live one would have.
   optimizer_state = {k: v for k, v in state.items() if k in ("params", "opt_state")}
@@ -243,18 +244,21 @@ def _run(prepared, workdir, dry_run, target) -> dict:
         metrics_lib.read_records(workdir / "metrics.jsonl", warn=False)
       abstract_batch = parts_lib.abstract_batch(config.train.batch_size, config.train.seq_len,
                                                 program.batch_sharding)
-      try:
-        runner, compiled = program.compile(abstract_batch)
-      except jax.errors.JaxRuntimeError as e:
-        if target is None or metrics_lib.out_of_memory(e) is None:
-          raise
-        raise ValueError(f"{target.name}: the step does not fit: {metrics_lib.out_of_memory(e)}; "
-                         "find one that does with scripts/fit.py or scripts/plan.py "
-                         f"--target={target.name}") from None
+      with metrics_lib.BufferReport(manual.platform(mesh) if dry_run else "") as report:
+        try:
+          runner, compiled = program.compile(abstract_batch, report.options)
+        except jax.errors.JaxRuntimeError as e:
+          if target is None or metrics_lib.out_of_memory(e) is None:
+            raise
+          raise ValueError(f"{target.name}: the step does not fit: "
+                           f"{metrics_lib.out_of_memory(e)}; find one that does with "
+                           f"scripts/fit.py or scripts/plan.py --target={target.name}") from None
+        hbm = report.hbm_bytes()
       peak = (config.train.peak_flops or (target.peak_flops_per_chip if target else
               metrics_lib.measure_peak_flops(mesh, model_cfg.compute_dtype)))
       if dry_run:
-        record = _start_record(program, model_cfg, config, compiled, program.live.abstract, peak)
+        record = _start_record(program, model_cfg, config, compiled, program.live.abstract, peak,
+                               hbm)
         if target:
           record.update(_target_verdict(target, record))
         writer = metrics_lib.MetricsWriter(workdir, keep_through=None)
