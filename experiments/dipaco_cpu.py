@@ -5,9 +5,10 @@ library sources (Python), its C API headers (C), and the package metadata and li
 environment's installed packages (English prose and markdown).
 
 Two steps. First the dense base model, trained on the whole corpus (`:base`); then DiPaCo from
-its checkpoint: the base model's features route every document (product k-means, one k-means per
-level on each half of the feature), every path starts from the base state and trains 50 inner
-steps on its shard between syncs; each module is averaged over the paths through it only.
+its checkpoint: the base model's features route every document (k-means with one cluster per
+path; product k-means, --config.outer.routing=product_kmeans, gives this corpus lopsided shards:
+docs/dipaco.md), every path starts from the base state and trains 50 inner steps on its shard
+between syncs; each module is averaged over the paths through it only.
 
   export XLA_FLAGS=--xla_force_host_platform_device_count=8
   python -m lcjax.main --config=experiments/dipaco_cpu.py:base --workdir=runs/dipaco_base
@@ -47,7 +48,8 @@ def get_config(arg: str = "dipaco"):
     raise ValueError(f"experiments/dipaco_cpu.py:{arg}: the argument must be 'base' (the dense "
                      "base run) or empty (DiPaCo from it)")
   c = base_config()
-  c.data.update(source="text", paths=corpus_globs(), eval_fraction=0.05, eval_skip_prefix=32)
+  c.data.update(source="text", paths=corpus_globs(), dedupe=True, eval_fraction=0.05,
+                eval_skip_prefix=32)  # licences come in many identical copies
   c.train.update(steps=STEPS, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=30,
                  end_lr_fraction=1.0,  # constant after warmup: every run goes on from the base
                  eval_every=100, eval_batches=0, log_every=10, sample_prompt="")

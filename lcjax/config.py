@@ -169,6 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_path = ""      # path of the tokenizer file for hf/sentencepiece (hf with
                                   # model.init_from_hf: "" = that directory's tokenizer.json)
   c.data.max_documents = 0        # use only the first N documents of each split; 0 = all
+  c.data.dedupe = False           # keep only the first of documents with the same text (no text
+                                  # trained twice, none held out as a copy of a train document)
   c.data.eval_skip_prefix = 0     # held-out loss leaves out each document's first N targets
                                   # (DiPaCo's routing prefix: score every model after it)
   c.data.prefetch = 2             # host batches built ahead in a background thread; 0 = off
@@ -405,6 +407,9 @@ def validate(config) -> ml_collections.ConfigDict:
   _require(d.source == "stdlib" or d.paths,
            f"data.source={d.source!r} needs data.paths (comma-separated globs; arrayrecord: the "
            "directory scripts/prepare_data.py wrote)")
+  _require(d.source != "arrayrecord" or not d.dedupe,
+           "data.dedupe does not apply to data.source='arrayrecord' (its documents are fixed when "
+           "prepared); remove it or prepare with scripts/prepare_data.py --dedupe")
   _require(d.source != "arrayrecord" or not d.eval_paths,
            "data.eval_paths does not apply to data.source='arrayrecord' (its held-out split is "
            "fixed when prepared); remove it or prepare with --eval_paths")

@@ -4,6 +4,7 @@ The base run trains the dense model on the whole corpus to step BASE_STEPS; ever
 on from its checkpoint (parameters, AdamW moments, step) to step STEPS, so each path, island or
 dense model takes the same number of inner steps:
   dense                 the base model alone, on one path's tokens per step (batch B / 4)
+  dense, 4x the batch   ... on all 4 paths' tokens per step (batch B, data parallel)
   DiLoCo P=4            4 islands on uniform shares of every batch, synced every 50 steps
   flat MoE P=4          4 paths, nothing shared (every part private): they never exchange
   DiPaCo 2x2            4 paths over a 2x2 grid of modules, embedding and head shared by all
@@ -11,8 +12,8 @@ dense model takes the same number of inner steps:
   DiPaCo 2x2 discrim.   the 2x2 run's state at step STEPS - 250, re-routed by a logistic router
                         fitted on router documents labelled by its paths, then to STEPS
   DiPaCo 2x4 rounds     8 paths on the 4 islands in 2 rounds (STEPS + 500: equal inner steps)
-The paths are routed by product k-means on the base model's features (2x4: 2 and 4 clusters of
-the two halves). Every run is scored on every held-out token after each document's first 32 (the
+The paths are routed by k-means (P clusters) on the base model's features; the DiPaCo runs keep
+15% of the train documents apart as router data (the discriminative router is fitted on them). Every run is scored on every held-out token after each document's first 32 (the
 routing prefix), each document by the path it is routed to.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/compare_dipaco.py \
@@ -46,6 +47,8 @@ def variants(root: pathlib.Path) -> dict:
       "base": ("base", {}, []),
       "dense": ("base", dict(outer=dict(PLAIN, init_from=base), steps=DIPACO_STEPS,
                              batch_divisor=4), ["base"]),
+      "dense, 4x the batch": ("base", dict(outer=dict(PLAIN, init_from=base),
+                                           steps=DIPACO_STEPS), ["base"]),
       "DiLoCo P=4": ("base", dict(mesh=dict(replica=4, data=2), steps=DIPACO_STEPS,
                                   outer=dict(kind="diloco", init_from=base)), ["base"]),
       "flat MoE P=4": ("dipaco", dict(outer=dict(base_from=base, private=EVERYTHING)), ["base"]),

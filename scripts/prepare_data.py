@@ -24,6 +24,8 @@ _TOKENIZER = flags.DEFINE_enum("tokenizer", "bytes", ["bytes", "hf", "sentencepi
                                "the tokenizer (the run must name the same one)")
 _TOKENIZER_PATH = flags.DEFINE_string("tokenizer_path", "", "hf tokenizer.json or SentencePiece "
                                       ".model (local)")
+_DEDUPE = flags.DEFINE_bool("dedupe", False, "keep only the first of documents with the same "
+                            "text (data.dedupe)")
 _DOCS_PER_SHARD = flags.DEFINE_integer("docs_per_shard", 65536, "documents per ArrayRecord file")
 flags.mark_flags_as_required(["input", "output"])
 
@@ -40,7 +42,7 @@ def data_config():
     c.paths = _INPUT.value
   c.update(eval_paths=_EVAL_INPUT.value, eval_fraction=_EVAL_FRACTION.value,
            text_field=_TEXT_FIELD.value, tokenizer=_TOKENIZER.value,
-           tokenizer_path=_TOKENIZER_PATH.value)
+           tokenizer_path=_TOKENIZER_PATH.value, dedupe=_DEDUPE.value)
   return c
 
 

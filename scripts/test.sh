@@ -10,4 +10,4 @@ if [ ! -f "$targets_stamp" ]; then
   rm -f "$venv"/.targets-*
   touch "$targets_stamp"
 fi
-exec python -m pytest -n 2 -q "$@" tests
+exec python -m pytest -n 2 -q --durations=25 "$@" tests

@@ -144,6 +144,26 @@ def test_text_and_jsonl_sources_and_split(tmp_path):
   assert sorted(train + held) == sorted(f"row {i}" for i in range(30))
 
 
+def test_dedupe_keeps_one_copy_of_each_text_and_none_held_out(tmp_path, capsys):
+  """40 distinct files and 3 texts copied 10 times each (licence files do this): with dedupe
+  every text is in the corpus once, in the split of its first file, so no held-out document is
+  a copy of a train one; without it every copy is there."""
+  for i in range(40):
+    (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i}\n")
+  for i in range(30):
+    (tmp_path / f"copy{i:02d}.txt").write_text(f"licence {i % 3}\n")
+  config = _data_config(source="text", paths=str(tmp_path / "*.txt"), eval_fraction=0.3)
+  train, held = load_documents(config)
+  assert len(train) + len(held) == 70
+  assert set(train) & set(held)  # the split is by file: copies land on both sides
+  config.dedupe = True
+  train, held = load_documents(config)
+  assert sorted(train + held) == sorted({f"document {i}\n" for i in range(40)} |
+                                        {f"licence {i}\n" for i in range(3)})
+  assert not set(train) & set(held)
+  assert "dropped 27 exact copies" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(source="text", paths="/nonexistent/*.txt"), "matches no file"),
     (dict(source="jsonl", paths="JSONL", text_field="missing"), "has no field 'missing'"),

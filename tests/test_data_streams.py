@@ -150,6 +150,10 @@ def test_arrayrecord_refuses_a_missing_index_and_another_tokenizer(tmp_path):
     c = config_lib.base_config()
     c.data.update(source="arrayrecord", paths=str(tmp_path / "ar"), eval_paths="x")
     config_lib.validate(c)
+  with pytest.raises(ValueError, match="data.dedupe does not apply.*--dedupe"):
+    c = config_lib.base_config()
+    c.data.update(source="arrayrecord", paths=str(tmp_path / "ar"), dedupe=True)
+    config_lib.validate(c)
 
 
 def _batches(depth, stop=7, make=None):

@@ -8,6 +8,7 @@ so the split is the same on every machine and for every mesh.
 """
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import pathlib
@@ -124,6 +125,24 @@ class Corpus:
       return json.loads(f.readline().decode("utf-8"))[self.text_field]
 
 
+class _FirstCopy:
+  """With dedupe on, true for the first document with a given text only (a 16-byte hash of it
+  is kept), so that no text is trained on twice or held out as a copy of a train document."""
+
+  def __init__(self, dedupe: bool):
+    self.dedupe, self.seen, self.dropped = dedupe, set(), 0
+
+  def __call__(self, text: str) -> bool:
+    if not self.dedupe:
+      return True
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    if digest in self.seen:
+      self.dropped += 1
+      return False
+    self.seen.add(digest)
+    return True
+
+
 def scan(data_config, length_of) -> Corpus:
   """One pass over the corpus that keeps only where each document is and its length
   (`length_of(text) -> int`), split into train and held-out documents in a fixed order."""
@@ -133,17 +152,20 @@ def scan(data_config, length_of) -> Corpus:
     files = _glob_files(data_config.paths, "data.paths")
   eval_files = _glob_files(data_config.eval_paths, "data.eval_paths") if data_config.eval_paths else []
   split = {"train": ([], []), "eval": ([], [])}
-  skipped = []
+  skipped, first_copy = [], _FirstCopy(data_config.dedupe)
   for key, ref, text in _documents(files, data_config, skipped):
-    if text:
+    if text and first_copy(text):
       held = not eval_files and _held_out(key, data_config.eval_fraction)
       refs, lengths = split["eval" if held else "train"]
       refs.append(ref)
       lengths.append(length_of(text))
   for _, (file_index, offset), text in _documents(eval_files, data_config, skipped):
-    if text:
+    if text and first_copy(text):
       split["eval"][0].append((len(files) + file_index, offset))
       split["eval"][1].append(length_of(text))
+  if first_copy.dropped:
+    print(f"[lcjax] data: dropped {first_copy.dropped} exact copies of earlier documents "
+          "(data.dedupe)")
   limit = data_config.max_documents or None
   arrays = {name: (np.array(refs[:limit], np.int64).reshape(-1, 2),
                    np.array(lengths[:limit], np.int64))
