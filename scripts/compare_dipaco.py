@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -73,7 +74,7 @@ def config_for(arg: str, updates: dict):
 
 
 def workdir_of(root, name) -> pathlib.Path:
-  return root / name.replace(" ", "_").replace("=", "").replace("+", "_").lower()
+  return root / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def read(workdir: pathlib.Path) -> dict:

@@ -5,6 +5,22 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# JAX's persistent compilation cache for this pytest session: a program compiled once (a resume
+# drill's straight and resumed runs, every test of the tiny model, the processes a test starts,
+# which inherit these variables) is read back instead of compiled again. The directory is made by
+# the first process (pytest-xdist's controller, whose environment the workers inherit) and
+# removed when it exits: every session starts empty.
+if "LCJAX_TEST_COMPILE_CACHE" not in os.environ:
+  os.environ["LCJAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lcjax-test-compiled-")
+  atexit.register(shutil.rmtree, os.environ["LCJAX_TEST_COMPILE_CACHE"], True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ["LCJAX_TEST_COMPILE_CACHE"],
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import jax  # noqa: E402  (must follow the flags above)
 import pytest  # noqa: E402
 

@@ -295,3 +295,19 @@ def test_paths_in_rounds_train_as_parallel_islands_would(tmp_path, crash_on_eval
              for r in records if "train/loss" in r}
   assert trained[1] == trained[2] == [0, 2] and trained[3] == trained[4] == [1, 3]
   assert [r["outer/step"] for r in records if "outer/step" in r][:4] == [0, 0, 0, 1]
+
+
+def test_the_experiment_and_every_run_of_its_comparison_validate(tmp_path):
+  """experiments/dipaco_cpu.py (the base run and DiPaCo) and each run of
+  scripts/compare_dipaco.py are valid configs, over a corpus of three domains."""
+  import pathlib
+  import runpy
+  root = pathlib.Path(__file__).resolve().parent.parent
+  experiment = runpy.run_path(str(root / "experiments" / "dipaco_cpu.py"))
+  compare = runpy.run_path(str(root / "scripts" / "compare_dipaco.py"))
+  for arg, updates, _ in compare["variants"](tmp_path).values():
+    config_lib.validate(compare["config_for"](arg, updates))
+  globs = experiment["corpus_globs"]().split(",")
+  assert [g.rsplit("/", 1)[-1] for g in globs[:3]] == ["*.py", "*.h", "METADATA"]
+  with pytest.raises(ValueError, match=r"must be 'base'"):
+    experiment["get_config"]("dense")

@@ -153,23 +153,6 @@ def test_each_device_reads_only_its_slice():
   assert requested == [32 * 32 // 8]
 
 
-@pytest.fixture
-def compile_once(tmp_path):
-  """JAX's persistent compilation cache, on for one test only: a test that runs the same
-  program several times (straight, killed, resumed) compiles its step once."""
-  from jax.experimental.compilation_cache import compilation_cache
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  before = {k: getattr(jax.config, k) for k in keys}
-  compilation_cache.reset_cache()
-  for key, value in zip(keys, (str(tmp_path / "compiled"), 0, 0)):
-    jax.config.update(key, value)
-  yield
-  for key, value in before.items():
-    jax.config.update(key, value)
-  compilation_cache.reset_cache()
-
-
 def _hf_run_config():
   c = tiny_config()
   c.model.init_from_hf = str(FIXTURES / "llama")
@@ -178,7 +161,7 @@ def _hf_run_config():
 
 
 def test_a_run_starts_from_the_checkpoint_resumes_exactly_and_exports(
-    tmp_path, crash_on_evaluation, loaded, capsys, compile_once):
+    tmp_path, crash_on_evaluation, loaded, capsys):
   config = _hf_run_config()
   straight, resumed = killed_and_resumed(config, tmp_path, crash_on_evaluation)
   assert read_losses(straight) == read_losses(resumed)
