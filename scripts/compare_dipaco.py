@@ -81,8 +81,8 @@ def read(workdir: pathlib.Path) -> dict:
   """Held-out loss against steps and against FLOPs trained after the base, bytes, shards."""
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   start = [r for r in records if "model/flops_per_step" in r][-1]  # the last (re)start
-  first_step = min(r["step"] for r in records if "model/flops_per_step" in r)
-  flops = start["model/flops_per_step"]
+  first_step = 0 if workdir.name == "base" else dipaco_cpu.BASE_STEPS  # discriminative: from
+  flops = start["model/flops_per_step"]  # the base too (its k-means half has the same FLOPs)
   evals = [r for r in records if "eval/loss" in r]
   train = [r for r in records if "train/loss" in r]
   return {"steps": [r["step"] for r in evals], "loss": [r["eval/loss"] for r in evals],
