@@ -31,9 +31,9 @@ from lcjax import ops
 from lcjax import parts as parts_lib
 from lcjax import program as program_lib
 from lcjax import sample as sample_lib
-from lcjax.ops import manual
 from lcjax import targets as targets_lib
 from lcjax import workdir as workdir_lib
+from lcjax.ops import manual
 from lcjax.outer import routing
 from lcjax.data.tokenizers import make_tokenizer
 from lcjax.model import ModelConfig

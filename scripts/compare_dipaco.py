@@ -13,8 +13,9 @@ dense model takes the same number of inner steps:
                         fitted on router documents labelled by its paths, then to STEPS
   DiPaCo 2x4 rounds     8 paths on the 4 islands in 2 rounds (STEPS + 500: equal inner steps)
 The paths are routed by k-means (P clusters) on the base model's features; the DiPaCo runs keep
-15% of the train documents apart as router data (the discriminative router is fitted on them). Every run is scored on every held-out token after each document's first 32 (the
-routing prefix), each document by the path it is routed to.
+15% of the train documents apart as router data (the discriminative router is fitted on them).
+Every run is scored on every held-out token after each document's first 32 (the routing
+prefix), each document by the path it is routed to.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/compare_dipaco.py \
     --out docs/dipaco.json --plot docs/dipaco.png
